@@ -1,0 +1,26 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from .deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: the gateway takes new streams",
+    responses={503: {"description": "Not taking new streams (shutting down)"}},
+)
+async def readyz(services: ServicesDep) -> JSONResponse:
+    if not services.hub.accepting:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    return JSONResponse({"status": "ready", "active_runs": services.hub.active_runs})

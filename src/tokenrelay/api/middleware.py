@@ -1,0 +1,98 @@
+"""Pure ASGI middleware: nothing here buffers or compresses a response body."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenrelay.errors import BodyTooLarge
+
+from .problems import problem_response
+
+logger = structlog.get_logger("tokenrelay.access")
+
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """A request id on every request and response, and one log line per request at its end."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["started_at"] = started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            logger.info(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                ttft_ms=state.get("ttft_ms"),
+                error_code=state.get("error_code"),
+                client_disconnected=state.get("client_disconnected", False),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _SAFE_REQUEST_ID.match(candidate):
+                return candidate
+    return secrets.token_hex(8)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes``: by Content-Length at once, or while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = BodyTooLarge(f"the request body exceeds {self.max_bytes} bytes")
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                request_id = scope.get("state", {}).get("request_id")
+                await problem_response(too_large, request_id)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large  # answered as 413 by the app's error handler
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,172 @@
+"""The ASGI response that serves one subscription to a run, streamed or whole.
+
+Two tasks per response, none per token: one serves the events, one waits for the client to go
+away; whichever ends first cancels the other (the shape of Starlette's ``StreamingResponse``).
+Closing the subscription when the client leaves lets the Hub cancel the upstream.
+
+The status line waits for the run's first event. A run that fails before it starts (upstream
+unreachable, rejected, timed out before answering) therefore gets a real HTTP error with
+``application/problem+json``; once the stream has started, failures are terminal events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import structlog
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from tokenrelay.errors import InternalError, ServiceUnavailable, TokenRelayError
+from tokenrelay.events import Event, EventType
+from tokenrelay.runs.hub import Subscription
+from tokenrelay.transports import StreamRenderer
+from tokenrelay.transports.openai import aggregate_completion
+
+from .problems import problem_body, problem_headers
+
+logger = structlog.get_logger("tokenrelay.api")
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx and friends: do not buffer this response
+}
+_TOKEN_TYPES = frozenset({EventType.MESSAGE_DELTA, EventType.TOOL_CALL_DELTA})
+
+
+class _ClientGone(Exception):
+    """The client closed the connection or stopped reading past the send timeout."""
+
+
+class RunResponse(Response):
+    """Serves a subscription with ``renderer`` (a stream) or as one JSON completion (None).
+
+    A ``Response`` only so that FastAPI hands it to the server as it is; it writes its own
+    status line once the run's first event is known.
+    """
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        renderer: StreamRenderer | None,
+        *,
+        heartbeat_interval: float,
+        send_timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.background = None
+        self.status_code = 200
+        self._subscription = subscription
+        self._renderer = renderer
+        self._heartbeat_interval = heartbeat_interval
+        self._send_timeout = send_timeout
+        self._headers = {"X-Run-Id": subscription.run.id, **(headers or {})}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._stats: dict[str, Any] = scope.setdefault("state", {})
+        self._started_at = self._stats.get("started_at", time.perf_counter())
+        serve = asyncio.ensure_future(self._serve(send))
+        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((serve, watch), return_when=asyncio.FIRST_COMPLETED)
+            served = serve.done()
+        finally:
+            serve.cancel()
+            watch.cancel()
+            await asyncio.gather(serve, watch, return_exceptions=True)
+            self._subscription.close()
+        failure = None if serve.cancelled() else serve.exception()
+        if not served or isinstance(failure, _ClientGone):
+            self._stats["client_disconnected"] = True
+            logger.info("client_disconnected", run_id=self._subscription.run.id)
+        elif failure is not None:
+            raise failure
+
+    async def _serve(self, send: Send) -> None:
+        first = await self._subscription.next_batch(None)
+        if first[0].is_terminal:
+            await self._send_problem(send, self._failure_of(first[0]))
+            return
+        if self._renderer is None:
+            await self._serve_whole(send, first)
+        else:
+            await self._serve_stream(send, first, self._renderer)
+
+    async def _serve_stream(
+        self, send: Send, batch: Sequence[Event], renderer: StreamRenderer
+    ) -> None:
+        headers = {"Content-Type": renderer.media_type, **STREAM_HEADERS, **self._headers}
+        await self._send({"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send)
+        while True:
+            if "ttft_ms" not in self._stats:
+                self._note_first_token(batch)
+            body = renderer.render(batch)
+            if body:
+                await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
+            if batch[-1].is_terminal:
+                break
+            batch = await self._subscription.next_batch(self._heartbeat_interval)
+            if not batch:
+                await self._send(
+                    {"type": "http.response.body", "body": renderer.heartbeat, "more_body": True},
+                    send,
+                )
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False}, send)
+
+    async def _serve_whole(self, send: Send, batch: Sequence[Event]) -> None:
+        events = list(batch)
+        while not events[-1].is_terminal:
+            events.extend(await self._subscription.next_batch(None))
+        self._note_first_token(events)
+        if events[-1].type is not EventType.RUN_COMPLETED:
+            await self._send_problem(send, self._failure_of(events[-1]))
+            return
+        body = orjson.dumps(aggregate_completion(events))
+        headers = {"Content-Type": "application/json", **self._headers}
+        await self._send({"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send)
+        await self._send({"type": "http.response.body", "body": body}, send)
+
+    def _failure_of(self, terminal: Event) -> TokenRelayError:
+        if terminal.type is EventType.RUN_CANCELLED:
+            return ServiceUnavailable(
+                f"the run was cancelled ({terminal.data['reason']})", code="cancelled"
+            )
+        return self._subscription.run.failure or InternalError(terminal.data.get("message", ""))
+
+    async def _send_problem(self, send: Send, error: TokenRelayError) -> None:
+        body = orjson.dumps(problem_body(error, self._stats.get("request_id")))
+        headers = {**problem_headers(error), **self._headers}
+        self._stats["error_code"] = error.instance_code()
+        start = {"type": "http.response.start", "status": error.instance_status(), "headers": _raw(headers)}
+        await self._send(start, send)
+        await self._send({"type": "http.response.body", "body": body}, send)
+
+    async def _send(self, message: Message, send: Send) -> None:
+        # A client that stops reading must not hold the run (and its memory) forever.
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await send(message)
+        except TimeoutError:
+            logger.warning("client_send_timeout", run_id=self._subscription.run.id)
+            raise _ClientGone from None
+        except OSError as exc:
+            raise _ClientGone from exc
+
+    def _note_first_token(self, batch: Sequence[Event]) -> None:
+        if any(event.type in _TOKEN_TYPES for event in batch):
+            self._stats["ttft_ms"] = round((time.perf_counter() - self._started_at) * 1000, 2)
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]

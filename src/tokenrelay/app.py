@@ -1,0 +1,97 @@
+"""The composition root: builds every component from Settings and wires them. No logic here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import aiohttp
+import structlog
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenrelay import __version__
+from tokenrelay.api import build_router
+from tokenrelay.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from tokenrelay.api.problems import (
+    handle_http_exception,
+    handle_tokenrelay_error,
+    handle_unexpected,
+    handle_validation_error,
+)
+from tokenrelay.backends.memory import MemoryStreamLog
+from tokenrelay.config import Settings, UpstreamTarget
+from tokenrelay.errors import TokenRelayError
+from tokenrelay.mockserver import MockDefaults, start_mock_server
+from tokenrelay.runs.hub import Hub
+from tokenrelay.services import Services
+from tokenrelay.sources.openai_upstream import OpenAIUpstream
+
+logger = structlog.get_logger("tokenrelay")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the gateway as an ASGI application.
+
+    Args:
+        settings: the effective configuration; defaults (embedded mode, built-in mock model)
+            when omitted.
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with AsyncExitStack() as stack:
+            target = await _upstream_target(settings, stack)
+            session = await stack.enter_async_context(_client_session())
+            stream_log = MemoryStreamLog()
+            stack.callback(stream_log.close)
+            hub = Hub(stream_log)
+            stack.push_async_callback(hub.close)
+            upstream = OpenAIUpstream(session, target, settings.timeouts, settings.retries)
+            logger.info("gateway_started", upstream=target.url, mock=not settings.upstreams)
+            yield {"services": Services(settings=settings, hub=hub, upstream=upstream)}
+
+    app = FastAPI(
+        title="tokenrelay",
+        version=__version__,
+        summary="A streaming gateway for LLM agents: OpenAI-compatible relay and native events.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.include_router(build_router())
+    app.add_exception_handler(TokenRelayError, handle_tokenrelay_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(Exception, handle_unexpected)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+async def _upstream_target(settings: Settings, stack: AsyncExitStack) -> UpstreamTarget:
+    """The configured upstream, or the built-in mock model started on a free loopback port."""
+    if settings.upstreams:
+        return settings.upstreams[0]
+    mock = settings.mock
+    runner, port = await start_mock_server(
+        "127.0.0.1", 0, MockDefaults(tokens=mock.tokens, ttft_ms=mock.ttft_ms, itl_ms=mock.itl_ms)
+    )
+    stack.push_async_callback(runner.cleanup)
+    return UpstreamTarget(url=f"http://127.0.0.1:{port}/v1")
+
+
+def _client_session() -> aiohttp.ClientSession:
+    # No pool cap: every open stream holds one upstream connection, admission control
+    # (not the pool) decides how many there may be.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        raise_for_status=False,
+    )

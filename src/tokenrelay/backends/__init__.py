@@ -1,0 +1,1 @@
+"""Store implementations behind the small Protocols of the rest of the package."""

@@ -1,0 +1,71 @@
+"""In-process implementations: the embedded default, needing no services."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from tokenrelay.errors import NotFound
+from tokenrelay.events import Event
+
+
+class _RunEvents:
+    __slots__ = ("events", "expiry", "waiter")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        # One future shared by every waiting reader, replaced after each append: a wake-up costs
+        # one set_result however many readers follow the run.
+        self.waiter: asyncio.Future[None] | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+
+
+class MemoryStreamLog:
+    """A StreamLog in a dict; finished runs are dropped ``retention`` seconds after their end."""
+
+    def __init__(self, retention: float = 600.0) -> None:
+        self._retention = retention
+        self._runs: dict[str, _RunEvents] = {}
+
+    async def create(self, run_id: str) -> None:
+        self._runs[run_id] = _RunEvents()
+
+    async def append(self, run_id: str, events: Sequence[Event]) -> None:
+        run = self._get(run_id)
+        run.events.extend(events)
+        waiter = run.waiter
+        if waiter is not None:
+            run.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def read(self, run_id: str, after: int, timeout: float | None) -> Sequence[Event]:
+        run = self._get(run_id)
+        if len(run.events) > after:
+            return run.events[after:]
+        if run.expiry is not None:
+            return ()  # sealed: nothing more will come
+        if run.waiter is None:
+            run.waiter = asyncio.get_running_loop().create_future()
+        # asyncio.wait never cancels the shared future when this reader times out or is cancelled.
+        await asyncio.wait((run.waiter,), timeout=timeout)
+        return run.events[after:]
+
+    async def seal(self, run_id: str) -> None:
+        run = self._get(run_id)
+        if run.expiry is None:
+            loop = asyncio.get_running_loop()
+            run.expiry = loop.call_later(self._retention, self._runs.pop, run_id, None)
+
+    def close(self) -> None:
+        """Cancel the pending expiry timers (at shutdown)."""
+        for run in self._runs.values():
+            if run.expiry is not None:
+                run.expiry.cancel()
+        self._runs.clear()
+
+    def _get(self, run_id: str) -> _RunEvents:
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise NotFound(f"run {run_id} does not exist or has expired") from None

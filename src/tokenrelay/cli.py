@@ -1,0 +1,133 @@
+"""The ``tokenrelay`` command: parses arguments and calls into the package, nothing more."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from tokenrelay import __version__
+
+cli = typer.Typer(
+    name="tokenrelay",
+    help="A streaming gateway for LLM agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="A TOML or YAML config file.", exists=True, dir_okay=False),
+]
+
+
+@cli.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind [default: 8080].")] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(help="Base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1."),
+    ] = None,
+    upstream_api_key: Annotated[
+        str | None,
+        typer.Option(help="API key sent to the upstream.", envvar="TOKENRELAY_UPSTREAM_API_KEY"),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error [default: info].")
+    ] = None,
+) -> None:
+    """Run the gateway. With no upstream it serves the built-in mock model."""
+    import uvicorn
+
+    from tokenrelay.app import create_app
+    from tokenrelay.telemetry.logging import configure_logging
+
+    flags: dict[str, Any] = {"server": _given(host=host, port=port, log_level=log_level)}
+    if upstream is not None:
+        flags["upstreams"] = [_given(url=upstream, api_key=upstream_api_key)]
+    settings = _load_or_exit(config, flags)
+    configure_logging(settings.server.log_level, settings.server.log_format)
+    where = f"http://{settings.server.host}:{settings.server.port}"
+    if settings.upstreams:
+        serving = f"relaying {settings.upstreams[0].url}"
+    else:
+        serving = "no upstream configured: serving the built-in mock model"
+    typer.echo(f"tokenrelay {__version__} on {where} ({serving})", err=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@cli.command("mock-upstream")
+def mock_upstream(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8081,
+    tokens: Annotated[int, typer.Option(help="Content deltas per answer by default.")] = 20,
+    ttft_ms: Annotated[float, typer.Option(help="Default delay before the first token.")] = 0.0,
+    itl_ms: Annotated[float, typer.Option(help="Default delay between tokens.")] = 0.0,
+) -> None:
+    """Run the mock OpenAI-compatible upstream (speed and faults set per request)."""
+    from tokenrelay.mockserver import MockDefaults, serve_mock_forever
+
+    defaults = MockDefaults(tokens=tokens, ttft_ms=ttft_ms, itl_ms=itl_ms)
+
+    def ready(bound_port: int) -> None:
+        typer.echo(f"mock upstream on http://{host}:{bound_port}/v1", err=True)
+
+    serve_mock_forever(host, port, defaults, on_ready=ready)
+
+
+@cli.command("check-config")
+def check_config(
+    file: Annotated[Path, typer.Argument(help="The config file to check.", dir_okay=False)],
+) -> None:
+    """Validate a config file (with TOKENRELAY_* variables applied) and print the result."""
+    settings = _load_or_exit(file, {})
+    typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _load_or_exit(config: Path | None, flags: dict[str, Any]) -> Any:
+    from tokenrelay.config import load_settings
+
+    try:
+        return load_settings(config, flags)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            typer.echo(f"invalid setting {field}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+    except (OSError, ValueError) as exc:
+        typer.echo(f"cannot read config: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    cli(prog_name="tokenrelay")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

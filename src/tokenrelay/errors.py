@@ -1,0 +1,196 @@
+"""The one error tree of tokenrelay.
+
+Every failure the gateway knows about is one of these types. Each carries a stable ``code`` (part
+of the public protocol), an HTTP ``status`` used when it happens before a stream has started, and a
+``retryable`` flag that tells a client whether trying again may help.
+
+```
+TokenRelayError
+├── RequestError                 the client sent something we refuse (4xx)
+│   ├── InvalidJSON              400 invalid_json
+│   ├── ValidationFailed         422 validation_failed (field-level ``errors``)
+│   ├── BodyTooLarge             413 body_too_large
+│   ├── NotAcceptable            406 not_acceptable
+│   └── NotFound                 404 not_found
+├── UpstreamError                the model server failed us (502/503/504 before a stream)
+│   ├── UpstreamUnreachable      502 upstream_unreachable      connect refused, DNS, reset
+│   ├── UpstreamHTTPError        502 upstream_error            5xx after the retries
+│   ├── UpstreamRejected         4xx upstream_rejected         the upstream refused the request
+│   ├── UpstreamOverloaded       503 upstream_overloaded       429 after the retries
+│   ├── UpstreamTimeout          504 connect_timeout | first_token_timeout | idle_timeout
+│   │                                | total_timeout
+│   ├── UpstreamDisconnected     502 upstream_disconnected     the stream ended early
+│   ├── UpstreamMalformed        502 upstream_malformed        not SSE, not JSON, wrong shape
+│   └── UpstreamStreamError      502 upstream_stream_error     an error chunk mid-stream
+├── ServiceUnavailable           503 shutting_down | overloaded
+└── InternalError                500 internal_error            a bug; details only in the log
+```
+
+Foreign exceptions (aiohttp, JSON decoders, pydantic) are translated into these at the boundary
+where they occur, with ``raise ... from exc``. They become HTTP responses in ``api/problems.py`` and
+terminal ``run.failed`` events in ``runs/hub.py``, nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TokenRelayError(Exception):
+    """Base of every error tokenrelay raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def instance_code(self) -> str:
+        """The code of this instance; subclasses with several codes override it."""
+        return self.code
+
+    def instance_status(self) -> int:
+        return self.status
+
+    def to_failure(self) -> dict[str, Any]:
+        """The payload of a ``run.failed`` event."""
+        return {"code": self.instance_code(), "message": self.message, "retryable": self.retryable}
+
+
+class RequestError(TokenRelayError):
+    status = 400
+    title = "Bad request"
+
+
+class InvalidJSON(RequestError):
+    code = "invalid_json"
+    status = 400
+    title = "Request body is not valid JSON"
+
+
+class ValidationFailed(RequestError):
+    code = "validation_failed"
+    status = 422
+    title = "Request failed validation"
+
+    def __init__(self, message: str, errors: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class BodyTooLarge(RequestError):
+    code = "body_too_large"
+    status = 413
+    title = "Request body too large"
+
+
+class NotAcceptable(RequestError):
+    code = "not_acceptable"
+    status = 406
+    title = "No acceptable response format"
+
+
+class NotFound(RequestError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class UpstreamError(TokenRelayError):
+    status = 502
+    title = "Upstream error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+    retryable = True
+    title = "Upstream unreachable"
+
+
+class UpstreamHTTPError(UpstreamError):
+    code = "upstream_error"
+    retryable = True
+    title = "Upstream returned an error"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream answered 4xx (not 429): its status is relayed, the request was at fault."""
+
+    code = "upstream_rejected"
+    title = "Upstream rejected the request"
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+    def instance_status(self) -> int:
+        return self.upstream_status
+
+
+class UpstreamOverloaded(UpstreamError):
+    code = "upstream_overloaded"
+    status = 503
+    retryable = True
+    title = "Upstream is rate limiting"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    retryable = True
+    title = "Upstream timed out"
+    CODES: ClassVar[frozenset[str]] = frozenset(
+        {"connect_timeout", "first_token_timeout", "idle_timeout", "total_timeout"}
+    )
+
+    def __init__(self, message: str, *, which: str) -> None:
+        if which not in self.CODES:
+            raise ValueError(f"unknown timeout kind {which!r}")
+        super().__init__(message)
+        self.which = which
+
+    def instance_code(self) -> str:
+        return self.which
+
+
+class UpstreamDisconnected(UpstreamError):
+    code = "upstream_disconnected"
+    retryable = True
+    title = "Upstream closed the stream early"
+
+
+class UpstreamMalformed(UpstreamError):
+    code = "upstream_malformed"
+    retryable = True
+    title = "Upstream sent a malformed stream"
+
+
+class UpstreamStreamError(UpstreamError):
+    code = "upstream_stream_error"
+    retryable = True
+    title = "Upstream reported an error mid-stream"
+
+
+class ServiceUnavailable(TokenRelayError):
+    code = "overloaded"
+    status = 503
+    retryable = True
+    title = "Service unavailable"
+
+    def __init__(
+        self, message: str, *, code: str = "overloaded", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self._code = code
+
+    def instance_code(self) -> str:
+        return self._code
+
+
+class InternalError(TokenRelayError):
+    code = "internal_error"
+    status = 500
+    title = "Internal error"

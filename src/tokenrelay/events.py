@@ -1,0 +1,74 @@
+"""The event model: what every source produces and every transport renders.
+
+An event is immutable and numbered: ``seq`` starts at 1 for each run and is the SSE ``id:`` and the
+resume cursor. Event type names are part of the public, versioned protocol (``EVENT_SCHEMA_VERSION``);
+``docs/protocol.md`` describes each payload.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+EVENT_SCHEMA_VERSION = "1"
+
+
+class EventType(StrEnum):
+    RUN_STARTED = "run.started"
+    MESSAGE_DELTA = "message.delta"
+    TOOL_CALL_DELTA = "tool_call.delta"
+    MESSAGE_COMPLETED = "message.completed"
+    USAGE = "usage"
+    RUN_COMPLETED = "run.completed"
+    RUN_FAILED = "run.failed"
+    RUN_CANCELLED = "run.cancelled"
+
+
+TERMINAL_TYPES = frozenset(
+    {EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELLED}
+)
+
+# An event as a source yields it, before the Hub numbers it.
+EventDraft = tuple[EventType, dict[str, Any]]
+
+
+class Event:
+    """One numbered event of a run.
+
+    Treated as immutable. The JSON of ``data`` is encoded at most once, however many subscribers
+    and transports render the event.
+    """
+
+    __slots__ = ("_data_json", "data", "seq", "type")
+
+    def __init__(self, seq: int, type: EventType, data: dict[str, Any]) -> None:
+        self.seq = seq
+        self.type = type
+        self.data = data
+        self._data_json: bytes | None = None
+
+    @property
+    def data_json(self) -> bytes:
+        if self._data_json is None:
+            self._data_json = orjson.dumps(self.data)
+        return self._data_json
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "type": str(self.type), "data": self.data}
+
+    def __repr__(self) -> str:
+        return f"Event(seq={self.seq}, type={self.type!s}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.seq, self.type, self.data) == (other.seq, other.type, other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.seq, self.type))

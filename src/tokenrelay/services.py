@@ -1,0 +1,16 @@
+"""The components of a running gateway, built by ``app.py`` and handed to the routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenrelay.config import Settings
+from tokenrelay.runs.hub import Hub
+from tokenrelay.sources.openai_upstream import OpenAIUpstream
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    hub: Hub
+    upstream: OpenAIUpstream

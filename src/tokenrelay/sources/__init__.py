@@ -1,0 +1,1 @@
+"""Sources produce the events of a run: an OpenAI-compatible upstream, later agents and pools."""

@@ -1,0 +1,21 @@
+"""Native tokenrelay events as newline-delimited JSON, one ``{"seq","type","data"}`` per line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenrelay.events import Event
+
+NDJSON_HEARTBEAT = b'{"type":"heartbeat"}\n'
+
+
+def encode_event(event: Event) -> bytes:
+    return b'{"seq":%d,"type":"%s","data":%s}\n' % (event.seq, event.type.encode(), event.data_json)
+
+
+class NDJSONRenderer:
+    media_type = "application/x-ndjson"
+    heartbeat = NDJSON_HEARTBEAT
+
+    def render(self, events: Sequence[Event]) -> bytes:
+        return b"".join([encode_event(event) for event in events])
