@@ -147,9 +147,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(
-    config_file: Path | None = None, flags: dict[str, Any] | None = None
-) -> Settings:
+def load_settings(config_file: Path | None = None, flags: dict[str, Any] | None = None) -> Settings:
     """Build the effective Settings: defaults < file < environment < flags.
 
     Raises:

@@ -1,8 +1,8 @@
 """The event model: what every source produces and every transport renders.
 
-An event is immutable and numbered: ``seq`` starts at 1 for each run and is the SSE ``id:`` and the
-resume cursor. Event type names are part of the public, versioned protocol (``EVENT_SCHEMA_VERSION``);
-``docs/protocol.md`` describes each payload.
+An event is immutable and numbered: ``seq`` starts at 1 for each run and is the SSE ``id:`` and
+the resume cursor. Event type names are part of the public, versioned protocol
+(``EVENT_SCHEMA_VERSION``); ``docs/protocol.md`` describes each payload.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ class EventType(StrEnum):
     RUN_CANCELLED = "run.cancelled"
 
 
-TERMINAL_TYPES = frozenset(
-    {EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELLED}
-)
+TERMINAL_TYPES = frozenset({EventType.RUN_COMPLETED, EventType.RUN_FAILED, EventType.RUN_CANCELLED})
 
 # An event as a source yields it, before the Hub numbers it.
 EventDraft = tuple[EventType, dict[str, Any]]

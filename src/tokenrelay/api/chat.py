@@ -20,7 +20,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A `chat.completion` object, or with `stream: true` a stream of "
         "`chat.completion.chunk` objects as Server-Sent Events ending in `data: [DONE]` "
-        "(or in an error chunk `data: {\"error\": {...}}` if the run fails mid-stream).",
+        '(or in an error chunk `data: {"error": {...}}` if the run fails mid-stream).',
         "content": {
             "application/json": {"schema": {"type": "object"}},
             "text/event-stream": {"schema": {"type": "string"}},

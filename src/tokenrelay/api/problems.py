@@ -49,7 +49,10 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
 
 
 def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_SCHEMA}}}
+    return {
+        "description": description,
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_SCHEMA}},
+    }
 
 
 # OpenAPI documentation of the error answers every route can give.
@@ -148,7 +151,10 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     else:
         error = RequestError(str(exc.detail))
     return problem_response(
-        error, _request_id(request, error), status=exc.status_code, headers=exc.headers
+        error,
+        _request_id(request, error),
+        status=exc.status_code,
+        headers=dict(exc.headers or {}),
     )
 
 

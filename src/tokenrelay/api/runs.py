@@ -52,8 +52,7 @@ def choose_renderer(accept: str | None) -> StreamRenderer:
         if media_type in ("application/x-ndjson", "application/*"):
             return NDJSONRenderer()
     raise NotAcceptable(
-        "this endpoint streams text/event-stream or application/x-ndjson; "
-        f"Accept was {accept!r}"
+        f"this endpoint streams text/event-stream or application/x-ndjson; Accept was {accept!r}"
     )
 
 

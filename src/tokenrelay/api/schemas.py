@@ -48,7 +48,7 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionRequest(_Open):
-    """An OpenAI chat completion request, as accepted by ``/v1/chat/completions`` and ``/v1/runs``."""
+    """An OpenAI chat completion request, as ``/v1/chat/completions`` and ``/v1/runs`` take it."""
 
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1)

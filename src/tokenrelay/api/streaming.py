@@ -64,7 +64,7 @@ class RunResponse(Response):
         self._renderer = renderer
         self._heartbeat_interval = heartbeat_interval
         self._send_timeout = send_timeout
-        self._headers = {"X-Run-Id": subscription.run.id, **(headers or {})}
+        self._extra_headers = {"X-Run-Id": subscription.run.id, **(headers or {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stats: dict[str, Any] = scope.setdefault("state", {})
@@ -99,14 +99,18 @@ class RunResponse(Response):
     async def _serve_stream(
         self, send: Send, batch: Sequence[Event], renderer: StreamRenderer
     ) -> None:
-        headers = {"Content-Type": renderer.media_type, **STREAM_HEADERS, **self._headers}
-        await self._send({"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send)
+        headers = {"Content-Type": renderer.media_type, **STREAM_HEADERS, **self._extra_headers}
+        await self._send(
+            {"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send
+        )
         while True:
             if "ttft_ms" not in self._stats:
                 self._note_first_token(batch)
             body = renderer.render(batch)
             if body:
-                await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
+                await self._send(
+                    {"type": "http.response.body", "body": body, "more_body": True}, send
+                )
             if batch[-1].is_terminal:
                 break
             batch = await self._subscription.next_batch(self._heartbeat_interval)
@@ -126,8 +130,10 @@ class RunResponse(Response):
             await self._send_problem(send, self._failure_of(events[-1]))
             return
         body = orjson.dumps(aggregate_completion(events))
-        headers = {"Content-Type": "application/json", **self._headers}
-        await self._send({"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send)
+        headers = {"Content-Type": "application/json", **self._extra_headers}
+        await self._send(
+            {"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send
+        )
         await self._send({"type": "http.response.body", "body": body}, send)
 
     def _failure_of(self, terminal: Event) -> TokenRelayError:
@@ -139,9 +145,13 @@ class RunResponse(Response):
 
     async def _send_problem(self, send: Send, error: TokenRelayError) -> None:
         body = orjson.dumps(problem_body(error, self._stats.get("request_id")))
-        headers = {**problem_headers(error), **self._headers}
+        headers = {**problem_headers(error), **self._extra_headers}
         self._stats["error_code"] = error.instance_code()
-        start = {"type": "http.response.start", "status": error.instance_status(), "headers": _raw(headers)}
+        start = {
+            "type": "http.response.start",
+            "status": error.instance_status(),
+            "headers": _raw(headers),
+        }
         await self._send(start, send)
         await self._send({"type": "http.response.body", "body": body}, send)
 

@@ -70,7 +70,9 @@ class ChunkTranslator:
             if tool_calls:
                 if not isinstance(tool_calls, list):
                     raise TypeError("tool_calls is not a list")
-                drafts.append((EventType.TOOL_CALL_DELTA, {"index": index, "tool_calls": tool_calls}))
+                drafts.append(
+                    (EventType.TOOL_CALL_DELTA, {"index": index, "tool_calls": tool_calls})
+                )
         finish_reason = choice.get("finish_reason")
         if finish_reason is not None:
             self.finished_choices += 1

@@ -100,8 +100,9 @@ class OpenAIUpstream:
         except aiohttp.ClientError as exc:
             raise _connect_error(exc) from exc
         except TimeoutError as exc:
-            raise UpstreamTimeout("the upstream did not list its models in time",
-                                  which="first_token_timeout") from exc
+            raise UpstreamTimeout(
+                "the upstream did not list its models in time", which="first_token_timeout"
+            ) from exc
         except ValueError as exc:
             raise UpstreamMalformed("the upstream's model list is not JSON") from exc
         if not isinstance(models, dict):
@@ -170,7 +171,9 @@ class OpenAIUpstream:
                 ) from exc
             raise UpstreamDisconnected("the upstream connection broke mid-stream") from exc
         except ValueError as exc:
-            raise UpstreamMalformed(f"the upstream sent malformed Server-Sent Events: {exc}") from exc
+            raise UpstreamMalformed(
+                f"the upstream sent malformed Server-Sent Events: {exc}"
+            ) from exc
         finally:
             watchdog.stop()
         # The body ended without [DONE]: complete only if every choice had finished.
@@ -182,7 +185,9 @@ def _decode(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise UpstreamMalformed(f"the upstream sent a chunk that is not JSON: {payload[:80]!r}") from exc
+        raise UpstreamMalformed(
+            f"the upstream sent a chunk that is not JSON: {payload[:80]!r}"
+        ) from exc
 
 
 def _checked_event_stream(response: aiohttp.ClientResponse) -> aiohttp.ClientResponse:

@@ -1,7 +1,7 @@
 """Incremental parser for an upstream's Server-Sent Events byte stream.
 
 Only the ``data`` field matters for OpenAI-compatible streams; comments, ``event``, ``id`` and
-``retry`` lines are accepted and ignored. The common frame, ``data: {...}\\n\\n``, takes a fast path.
+``retry`` lines are accepted and ignored. The common frame ``data: {...}\\n\\n`` takes a fast path.
 """
 
 from __future__ import annotations

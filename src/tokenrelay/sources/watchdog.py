@@ -1,8 +1,8 @@
 """Deadlines of one upstream stream, enforced by a single timer.
 
-Re-arming a timer for every chunk would allocate per token; instead a chunk only records the time it
-arrived (``touch``) and the one timer, when it fires, checks the deadlines and re-arms itself for the
-nearest one still ahead.
+Re-arming a timer for every chunk would allocate per token; instead a chunk only records the time
+it arrived (``touch``) and the one timer, when it fires, checks the deadlines and re-arms itself
+for the nearest one still ahead.
 """
 
 from __future__ import annotations

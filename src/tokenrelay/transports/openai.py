@@ -18,6 +18,7 @@ from tokenrelay.events import Event, EventType
 from tokenrelay.transports.sse import SSE_HEARTBEAT
 
 DONE = b"data: [DONE]\n\n"
+_TEXT_CHOICE = b'{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null}'
 
 
 def error_object(code: str, message: str, retryable: bool) -> dict[str, Any]:
@@ -44,11 +45,8 @@ class OpenAIChunkRenderer:
         kind, data = event.type, event.data
         if kind is EventType.MESSAGE_DELTA:
             if len(data) == 2 and "content" in data:  # the hot path: a text token
-                choice = b'{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null}' % (
-                    data["index"],
-                    orjson.dumps(data["content"]),
-                )
-                return self._chunk(choice)
+                content = orjson.dumps(data["content"])
+                return self._chunk(_TEXT_CHOICE % (data["index"], content))
             delta = {k: v for k, v in data.items() if k not in ("index", "logprobs")}
             return self._choice(data["index"], delta, logprobs=data.get("logprobs"))
         if kind is EventType.TOOL_CALL_DELTA:
@@ -78,7 +76,12 @@ class OpenAIChunkRenderer:
         logprobs: Any = None,
         finish_reason: str | None = None,
     ) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
         return self._chunk(orjson.dumps(choice))
 
     def _chunk(self, choices: bytes, tail: bytes = b"") -> bytes:
@@ -162,7 +165,9 @@ def _merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]])
     for delta in deltas:
         position = delta.get("index", len(calls))
         while len(calls) <= position:
-            calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            calls.append(
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
         call = calls[position]
         if delta.get("id"):
             call["id"] = delta["id"]

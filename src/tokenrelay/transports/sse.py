@@ -1,4 +1,4 @@
-"""Native tokenrelay events as Server-Sent Events: ``id: <seq>``, ``event: <type>``, ``data: <json>``."""
+"""Native events as Server-Sent Events: ``id: <seq>``, ``event: <type>``, ``data: <json>``."""
 
 from __future__ import annotations
 
