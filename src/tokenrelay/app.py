@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -32,12 +33,15 @@ from tokenrelay.sources.openai_upstream import OpenAIUpstream
 logger = structlog.get_logger("tokenrelay")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, shutdown: asyncio.Event | None = None) -> FastAPI:
     """Build the gateway as an ASGI application.
 
     Args:
         settings: the effective configuration; defaults (embedded mode, built-in mock model)
             when omitted.
+        shutdown: set by the owner of the process (``tokenrelay serve`` on SIGTERM) to drain:
+            readiness fails, no new runs start, open runs get ``server.drain_grace`` seconds
+            to finish and are then cancelled with a terminal event.
     """
     settings = settings or Settings()
 
@@ -51,6 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             hub = Hub(stream_log)
             stack.push_async_callback(hub.close)
             upstream = OpenAIUpstream(session, target, settings.timeouts, settings.retries)
+            if shutdown is not None:
+                drainer = asyncio.create_task(_drain_on(shutdown, hub, settings.server.drain_grace))
+                stack.callback(drainer.cancel)
             logger.info("gateway_started", upstream=target.url, mock=not settings.upstreams)
             yield {"services": Services(settings=settings, hub=hub, upstream=upstream)}
 
@@ -71,6 +78,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+async def _drain_on(shutdown: asyncio.Event, hub: Hub, grace: float) -> None:
+    await shutdown.wait()
+    logger.info("gateway_draining", active_runs=hub.active_runs, grace=grace)
+    await hub.drain(grace)
 
 
 async def _upstream_target(settings: Settings, stack: AsyncExitStack) -> UpstreamTarget:

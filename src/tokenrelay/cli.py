@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
+import uvicorn
 from pydantic import ValidationError
 
 from tokenrelay import __version__
@@ -43,8 +47,6 @@ def serve(
     ] = None,
 ) -> None:
     """Run the gateway. With no upstream it serves the built-in mock model."""
-    import uvicorn
-
     from tokenrelay.app import create_app
     from tokenrelay.telemetry.logging import configure_logging
 
@@ -59,16 +61,37 @@ def serve(
     else:
         serving = "no upstream configured: serving the built-in mock model"
     typer.echo(f"tokenrelay {__version__} on {where} ({serving})", err=True)
-    uvicorn.run(
-        create_app(settings),
+    shutdown = asyncio.Event()
+    server_config = uvicorn.Config(
+        create_app(settings, shutdown),
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
         http="httptools",
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        # Runs are cancelled (with a terminal event) at drain_grace; this only backs that up.
+        timeout_graceful_shutdown=int(settings.server.drain_grace) + 5,
     )
+    _DrainingServer(server_config, shutdown).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """Hands SIGTERM/SIGINT to the app as its shutdown input, then lets uvicorn stop as usual."""
+
+    def __init__(self, config: uvicorn.Config, shutdown: asyncio.Event) -> None:
+        super().__init__(config)
+        self._shutdown = shutdown
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._shutdown.set)
+        super().handle_exit(sig, frame)
 
 
 @cli.command("mock-upstream")

@@ -39,6 +39,11 @@ class ServerSettings(_Section):
     send_timeout: float = Field(
         30.0, gt=0, description="Seconds a write to a client may block before it is dropped."
     )
+    drain_grace: float = Field(
+        10.0,
+        ge=0,
+        description="On shutdown, seconds open runs may take to finish before they are cancelled.",
+    )
 
 
 class UpstreamTarget(_Section):

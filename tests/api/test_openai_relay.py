@@ -104,9 +104,13 @@ async def test_async_client_streams_in_order(gateway_url: str) -> None:
         pytest.param({"extra_body": {"mock": {"tool_call": True}}}, id="tool-call"),
     ],
 )
-def test_non_streaming_equals_upstream(gateway_url: str, mock_url: str, extra: dict[str, Any]) -> None:
+def test_non_streaming_equals_upstream(
+    gateway_url: str, mock_url: str, extra: dict[str, Any]
+) -> None:
     direct = sdk(mock_url).chat.completions.create(model="mock-model", messages=MESSAGES, **extra)
-    relayed = sdk(gateway_url).chat.completions.create(model="mock-model", messages=MESSAGES, **extra)
+    relayed = sdk(gateway_url).chat.completions.create(
+        model="mock-model", messages=MESSAGES, **extra
+    )
     direct_dump, relayed_dump = direct.model_dump(), relayed.model_dump()
     for dump in (direct_dump, relayed_dump):
         dump.pop("id")

@@ -113,13 +113,23 @@ class Hub:
         run.task.cancel()
         return True
 
-    async def close(self) -> None:
-        """Stop accepting runs and cancel the running ones; each ends with ``run.cancelled``."""
+    async def drain(self, grace: float) -> None:
+        """Stop accepting runs, give the running ones ``grace`` seconds to finish, cancel the rest.
+
+        Cancelled runs end with ``run.cancelled`` (reason ``shutting_down``), which their
+        subscribers still receive: a shutdown never cuts a stream silently.
+        """
         self._accepting = False
         tasks = [run.task for run in self._runs.values() if run.task is not None]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
         for run in list(self._runs.values()):
             await self.cancel(run.id, reason="shutting_down")
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel every running run at once (each ends with ``run.cancelled``)."""
+        await self.drain(grace=0)
 
     def _release(self, run: Run) -> None:
         run.subscribers -= 1
