@@ -128,7 +128,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if path.suffix == ".toml":
         return tomllib.loads(text)
     if path.suffix in {".yaml", ".yml"}:
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
         return data

@@ -6,12 +6,13 @@ of the public protocol), an HTTP ``status`` used when it happens before a stream
 
 ```
 TokenRelayError
-├── RequestError                 the client sent something we refuse (4xx)
+├── RequestError                 400 bad_request               the client sent something we refuse
 │   ├── InvalidJSON              400 invalid_json
 │   ├── ValidationFailed         422 validation_failed (field-level ``errors``)
 │   ├── BodyTooLarge             413 body_too_large
 │   ├── NotAcceptable            406 not_acceptable
-│   └── NotFound                 404 not_found
+│   ├── NotFound                 404 not_found
+│   └── MethodNotAllowed         405 method_not_allowed
 ├── UpstreamError                the model server failed us (502/503/504 before a stream)
 │   ├── UpstreamUnreachable      502 upstream_unreachable      connect refused, DNS, reset
 │   ├── UpstreamHTTPError        502 upstream_error            5xx after the retries
@@ -62,6 +63,7 @@ class TokenRelayError(Exception):
 
 
 class RequestError(TokenRelayError):
+    code = "bad_request"
     status = 400
     title = "Bad request"
 
@@ -98,6 +100,12 @@ class NotFound(RequestError):
     code = "not_found"
     status = 404
     title = "Not found"
+
+
+class MethodNotAllowed(RequestError):
+    code = "method_not_allowed"
+    status = 405
+    title = "Method not allowed"
 
 
 class UpstreamError(TokenRelayError):

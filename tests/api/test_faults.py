@@ -72,11 +72,16 @@ def assert_no_traceback(body: bytes) -> None:
 def post(url: str, path: str, body: dict[str, Any], timeout: float = 15.0) -> Answer:
     """POST and read the whole (streamed) answer as raw bytes."""
     started = time.monotonic()
+    raw = b""
     with (
         httpx.Client(timeout=timeout) as client,
         client.stream("POST", url + path, json=body) as response,
     ):
-        raw = b"".join(response.iter_raw())
+        try:
+            for piece in response.iter_raw():
+                raw += piece
+        except httpx.RemoteProtocolError as exc:
+            pytest.fail(f"the gateway broke the response off ({exc}) after {raw[-400:]!r}")
         answer = Answer(response.status_code, response.headers, raw, time.monotonic() - started)
     assert_no_traceback(answer.body)
     return answer
@@ -106,7 +111,9 @@ def parse_frames(raw: bytes) -> list[Frame]:
         lines = block.split(b"\n")
         assert [line.split(b": ", 1)[0] for line in lines] == [b"id", b"event", b"data"], block
         fields = {name: value for name, value in (line.split(b": ", 1) for line in lines)}
-        frames.append(Frame(int(fields[b"id"]), fields[b"event"].decode(), json.loads(fields[b"data"])))
+        frames.append(
+            Frame(int(fields[b"id"]), fields[b"event"].decode(), json.loads(fields[b"data"]))
+        )
     return frames
 
 
@@ -126,7 +133,9 @@ def check_native_stream(answer: Answer) -> list[Frame]:
 
 def contents(frames: list[Frame]) -> list[str]:
     """The text of the content deltas, in order (the role delta carries an empty content)."""
-    return [f.data["content"] for f in frames if f.type == "message.delta" and f.data.get("content")]
+    return [
+        f.data["content"] for f in frames if f.type == "message.delta" and f.data.get("content")
+    ]
 
 
 def tokens(count: int) -> list[str]:
@@ -153,7 +162,9 @@ def openai_data_lines(raw: bytes) -> list[bytes]:
     return payloads
 
 
-def check_openai_error_stream(answer: Answer, code: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def check_openai_error_stream(
+    answer: Answer, code: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """An OpenAI stream that ends with one error chunk and no ``[DONE]``: (chunks, error)."""
     assert answer.status == 200, answer.body
     payloads = openai_data_lines(answer.body)
@@ -248,6 +259,8 @@ TWO_ATTEMPTS = {**FAST_TIMEOUTS, "TOKENRELAY_RETRIES__MAX_ATTEMPTS": "2"}
 TOTAL_ONE_SECOND = {**FAST_TIMEOUTS, "TOKENRELAY_TIMEOUTS__TOTAL": "1"}
 # Default deadlines (long), a fast heartbeat: upstream silence is shown, never punished.
 FAST_HEARTBEAT = {"TOKENRELAY_SERVER__HEARTBEAT_INTERVAL": "0.2"}
+# A first-token deadline well beyond the idle one.
+LATE_FIRST_TOKEN = {**FAST_TIMEOUTS, "TOKENRELAY_TIMEOUTS__FIRST_TOKEN": "6"}
 
 
 @pytest.fixture
@@ -369,7 +382,9 @@ def raw_upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("path", ["/v1/runs", "/v1/chat/completions"])
-def test_upstream_5xx_after_all_retries_is_502_upstream_error(gateway_url: str, mock_url: str, path: str) -> None:
+def test_upstream_5xx_after_all_retries_is_502_upstream_error(
+    gateway_url: str, mock_url: str, path: str
+) -> None:
     answer = post(gateway_url, path, chat_body({"http_error": 500}, stream=True))
     body = problem(answer, 502, "upstream_error")
     assert body["retryable"] is True
@@ -399,12 +414,16 @@ def test_sdk_sees_pre_stream_failures_as_status_errors(gateway_url: str, mock_ur
     with sdk(gateway_url) as client:
         with pytest.raises(openai.BadRequestError) as rejected:
             client.chat.completions.create(
-                model="mock-model", messages=MESSAGES, stream=True,
+                model="mock-model",
+                messages=MESSAGES,
+                stream=True,
                 extra_body={"mock": {"http_error": 400}},
             )
         with pytest.raises(openai.InternalServerError) as failed:
             client.chat.completions.create(
-                model="mock-model", messages=MESSAGES, stream=True,
+                model="mock-model",
+                messages=MESSAGES,
+                stream=True,
                 extra_body={"mock": {"http_error": 503}},
             )
     assert isinstance(rejected.value.body, dict)
@@ -440,10 +459,10 @@ def test_event_stream_without_any_event_is_504_first_token_timeout(raw_upstream_
 def test_sse_comments_do_not_hold_off_the_first_token_timeout(raw_upstream_url: str) -> None:
     """The first-token deadline runs until the first data event; keep-alive comments are not one."""
     try:
-        answer = post(raw_upstream_url, "/v1/runs", chat_body(model="comments-only"), timeout=8.0)
+        answer = post(raw_upstream_url, "/v1/runs", chat_body(model="comments-only"), timeout=4.0)
     except httpx.ReadTimeout:
         pytest.fail(
-            "an upstream sending only SSE comments kept the run waiting for 8 s; "
+            "an upstream sending only SSE comments kept the run waiting for 4 s; "
             "the first-token timeout is 2 s"
         )
     problem(answer, 504, "first_token_timeout")
@@ -532,7 +551,9 @@ def test_native_mid_stream_fault_ends_with_one_run_failed(
 def test_openai_mid_stream_fault_ends_with_one_error_chunk(
     gateway_url: str, fault: dict[str, Any], code: str
 ) -> None:
-    chunks, error = check_openai_error_stream(run_openai(gateway_url, {"tokens": 10, **fault}), code)
+    chunks, error = check_openai_error_stream(
+        run_openai(gateway_url, {"tokens": 10, **fault}), code
+    )
     assert chunk_text(chunks) == "tok0 tok1 tok2 "
     assert error["retryable"] is True
 
@@ -550,6 +571,21 @@ def test_sdk_raises_api_error_with_the_code_mid_stream(
     assert sdk_text(chunks) == "tok0 tok1 tok2 "
     if code == "upstream_stream_error":
         assert error.message == "mock upstream failure"
+
+
+def test_idle_timeout_does_not_wait_for_the_first_token_deadline(
+    gateway_factory: GatewayFactory, mock_url: str
+) -> None:
+    """Tokens flowed, then the upstream stalled: idle (1 s) applies, not first-token (6 s)."""
+    url = gateway_factory(**LATE_FIRST_TOKEN).url
+    try:
+        answer = run_native(url, {"tokens": 10, "stall_after": 3}, timeout=3.0)
+    except httpx.ReadTimeout:
+        pytest.fail("a stream idle for 3 s was not ended although the idle timeout is 1 s")
+    frames = check_native_stream(answer)
+    assert_failed(frames, "idle_timeout")
+    assert contents(frames) == tokens(3)
+    assert answer.elapsed >= 1.0
 
 
 def test_long_ttft_after_the_role_chunk_is_an_idle_timeout(gateway_url: str) -> None:
@@ -607,9 +643,13 @@ def _read_then_leave(url: str, mock: dict[str, Any], enough: Any, timeout: float
 
 
 def test_client_leaving_mid_stream_cancels_the_upstream(gateway_url: str, quiet_mock: str) -> None:
-    raw = _read_then_leave(
-        gateway_url, {"tokens": 100, "itl_ms": 100}, lambda raw: b'"tok2 "' in raw
-    )
+    def enough(raw: bytes) -> bool:
+        if b'"tok2 "' not in raw:
+            return False
+        assert stats(quiet_mock)["active_streams"] == 1
+        return True
+
+    raw = _read_then_leave(gateway_url, {"tokens": 100, "itl_ms": 100}, enough)
     assert b"run.completed" not in raw
     assert wait_for(lambda: stats(quiet_mock)["client_disconnects"] == 1, 1.0), stats(quiet_mock)
     final = stats(quiet_mock)
@@ -618,10 +658,20 @@ def test_client_leaving_mid_stream_cancels_the_upstream(gateway_url: str, quiet_
 
 
 def test_client_leaving_while_the_first_token_is_awaited_cancels_the_upstream(
-    heartbeat_url: str, quiet_mock: str
+    gateway_factory: GatewayFactory, quiet_mock: str
 ) -> None:
-    # Long default deadlines: only the client's departure can end this upstream stream early.
-    raw = _read_then_leave(heartbeat_url, {"ttft_ms": 5000}, lambda raw: b"run.started" in raw)
+    # Default deadlines (60 s, 30 s): only the client's departure can end this upstream stream.
+    url = gateway_factory().url
+
+    def enough(raw: bytes) -> bool:
+        if b"run.started" not in raw:
+            return False
+        time.sleep(0.5)  # the gateway waits for the first token with the client still there
+        assert stats(quiet_mock)["active_streams"] == 1
+        assert stats(quiet_mock)["client_disconnects"] == 0
+        return True
+
+    raw = _read_then_leave(url, {"ttft_ms": 5000}, enough)
     assert b"tok0" not in raw
     assert wait_for(lambda: stats(quiet_mock)["client_disconnects"] == 1, 1.0), stats(quiet_mock)
     assert stats(quiet_mock)["completed_streams"] == 0

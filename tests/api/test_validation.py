@@ -1,4 +1,4 @@
-"""Bad input is refused before anything reaches the upstream, always as ``application/problem+json``.
+"""Bad input is refused before it reaches the upstream, always as ``application/problem+json``.
 
 One table of bad requests, sent to both endpoints that take a chat completion request. Each row
 names the status, the stable ``code`` and, for 422, the field the client has to fix.
@@ -59,9 +59,13 @@ def oversized_chunks() -> Iterator[bytes]:
 
 
 TABLE = [
-    pytest.param(Bad(b'{"model": "mock-model", "messages": [', 400, "invalid_json"), id="invalid-json"),
+    pytest.param(
+        Bad(b'{"model": "mock-model", "messages": [', 400, "invalid_json"), id="invalid-json"
+    ),
     pytest.param(Bad(b"not json at all", 400, "invalid_json"), id="not-json"),
-    pytest.param(Bad(json.dumps([GOOD]).encode(), 422, "validation_failed", "body"), id="json-array"),
+    pytest.param(
+        Bad(json.dumps([GOOD]).encode(), 422, "validation_failed", "body"), id="json-array"
+    ),
     pytest.param(Bad(b'"a string"', 422, "validation_failed", "body"), id="json-string"),
     pytest.param(invalid("model", "missing", model=...), id="missing-model"),
     pytest.param(invalid("model", model=42), id="model-not-string"),
@@ -154,7 +158,12 @@ LIMIT_TABLE = [
     pytest.param(body(messages=[USER] * 4), id="four-messages"),
     pytest.param(body(messages=[{"role": "user", "content": "x" * 101}]), id="101-chars"),
     pytest.param(
-        body(messages=[{"role": "user", "content": "x" * 60}, {"role": "assistant", "content": "y" * 41}]),
+        body(
+            messages=[
+                {"role": "user", "content": "x" * 60},
+                {"role": "assistant", "content": "y" * 41},
+            ]
+        ),
         id="101-chars-over-two-messages",
     ),
     pytest.param(
@@ -162,7 +171,10 @@ LIMIT_TABLE = [
             messages=[
                 {
                     "role": "user",
-                    "content": [{"type": "text", "text": "x" * 50}, {"type": "text", "text": "y" * 51}],
+                    "content": [
+                        {"type": "text", "text": "x" * 50},
+                        {"type": "text", "text": "y" * 51},
+                    ],
                 }
             ]
         ),
@@ -184,7 +196,9 @@ def test_configured_limits_are_enforced(
     assert upstream_requests(mock_url) == []
 
 
-def test_requests_at_the_configured_limits_pass(gateway_factory: GatewayFactory, mock_url: str) -> None:
+def test_requests_at_the_configured_limits_pass(
+    gateway_factory: GatewayFactory, mock_url: str
+) -> None:
     limited = gateway_factory(**LIMITS)
     messages = [{"role": "user", "content": "x" * 40}] * 2 + [{"role": "user", "content": "y" * 20}]
     response = send(limited.url, "/v1/chat/completions", body(messages=messages))
@@ -229,9 +243,7 @@ def test_bad_input_changes_nothing(gateway_url: str, mock_url: str) -> None:
     response = send(gateway_url, "/v1/chat/completions", body())
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
-    with httpx.stream(
-        "POST", gateway_url + "/v1/runs", json=GOOD, timeout=10
-    ) as stream:
+    with httpx.stream("POST", gateway_url + "/v1/runs", json=GOOD, timeout=10) as stream:
         assert stream.status_code == 200
         text = stream.read().decode()
     assert text.rstrip().endswith("event: run.completed\ndata: {}")

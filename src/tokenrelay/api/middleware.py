@@ -71,31 +71,52 @@ def _request_id(scope: Scope) -> str:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes``: by Content-Length at once, or while reading."""
+    """Refuse request bodies over ``max_bytes`` with 413 before the app sees them.
+
+    The body is read here (the routes read it whole anyway) and handed on to the app; a body
+    that grows past the limit is answered at once, whether it announced its Content-Length or
+    came chunked, and the app never runs.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        too_large = BodyTooLarge(f"the request body exceeds {self.max_bytes} bytes")
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                request_id = scope.get("state", {}).get("request_id")
-                await problem_response(too_large, request_id)(scope, receive, send)
+                await self._refuse(scope, receive, send)
                 return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise too_large  # answered as 413 by the app's error handler
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
 
-        await self.app(scope, limited_receive, send)
+        async def replay() -> Message:
+            nonlocal body
+            if body is not None:
+                message, body = body, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = BodyTooLarge(f"the request body exceeds {self.max_bytes} bytes")
+        state = scope.setdefault("state", {})
+        state["error_code"] = error.instance_code()
+        await problem_response(error, state.get("request_id"))(scope, receive, send)

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from tokenrelay.errors import (
     InternalError,
     InvalidJSON,
+    MethodNotAllowed,
     NotFound,
     RequestError,
     TokenRelayError,
@@ -48,7 +49,7 @@ _PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 
-def _problem(description: str) -> dict[str, Any]:
+def problem_doc(description: str) -> dict[str, Any]:
     return {
         "description": description,
         "content": {PROBLEM_MEDIA_TYPE: {"schema": _PROBLEM_SCHEMA}},
@@ -57,12 +58,12 @@ def _problem(description: str) -> dict[str, Any]:
 
 # OpenAPI documentation of the error answers every route can give.
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _problem("Invalid JSON or a request the upstream refused"),
-    413: _problem("Request body too large"),
-    422: _problem("Request failed validation; `errors` names each field"),
-    502: _problem("The upstream failed before the stream started"),
-    503: _problem("The upstream or the gateway is overloaded or shutting down"),
-    504: _problem("The upstream timed out before the stream started"),
+    400: problem_doc("Invalid JSON or a request the upstream refused"),
+    413: problem_doc("Request body too large"),
+    422: problem_doc("Request failed validation; `errors` names each field"),
+    502: problem_doc("The upstream failed before the stream started"),
+    503: problem_doc("The upstream or the gateway is overloaded or shutting down"),
+    504: problem_doc("The upstream timed out before the stream started"),
 }
 
 
@@ -148,6 +149,8 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     error: TokenRelayError
     if exc.status_code == 404:
         error = NotFound(f"no route for {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
         error = RequestError(str(exc.detail))
     return problem_response(

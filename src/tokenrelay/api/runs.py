@@ -14,7 +14,7 @@ from tokenrelay.transports.ndjson import NDJSONRenderer
 from tokenrelay.transports.sse import NativeSSERenderer
 
 from .deps import ServicesDep
-from .problems import PROBLEM_RESPONSES
+from .problems import PROBLEM_RESPONSES, problem_doc
 from .schemas import ChatCompletionRequest, check_limits
 from .streaming import RunResponse
 
@@ -38,7 +38,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             },
         },
     },
-    406: {"description": "Neither text/event-stream nor application/x-ndjson is acceptable"},
+    406: problem_doc("Neither text/event-stream nor application/x-ndjson is acceptable"),
     **PROBLEM_RESPONSES,
 }
 
@@ -60,6 +60,8 @@ def choose_renderer(accept: str | None) -> StreamRenderer:
     "/runs",
     summary="Start a run and stream its native events",
     response_model=None,
+    response_class=RunResponse,
+    status_code=200,
     responses=_RESPONSES,
 )
 async def create_run(

@@ -16,7 +16,9 @@ from tokenrelay.errors import ValidationFailed
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict: the body is forwarded as received, so a "0.7" accepted for a number here would
+    # reach the upstream as a string. Extra fields are allowed and forwarded untouched.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ContentPart(_Open):

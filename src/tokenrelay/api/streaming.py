@@ -49,6 +49,8 @@ class RunResponse(Response):
     status line once the run's first event is known.
     """
 
+    media_type = "text/event-stream"  # for the OpenAPI document; each response sets its own
+
     def __init__(
         self,
         subscription: Subscription,
@@ -114,11 +116,14 @@ class RunResponse(Response):
             if batch[-1].is_terminal:
                 break
             batch = await self._subscription.next_batch(self._heartbeat_interval)
-            if not batch:
-                await self._send(
-                    {"type": "http.response.body", "body": renderer.heartbeat, "more_body": True},
-                    send,
-                )
+            while not batch:  # the run is quiet: keep idle proxies from closing the stream
+                heartbeat = {
+                    "type": "http.response.body",
+                    "body": renderer.heartbeat,
+                    "more_body": True,
+                }
+                await self._send(heartbeat, send)
+                batch = await self._subscription.next_batch(self._heartbeat_interval)
         await self._send({"type": "http.response.body", "body": b"", "more_body": False}, send)
 
     async def _serve_whole(self, send: Send, batch: Sequence[Event]) -> None:

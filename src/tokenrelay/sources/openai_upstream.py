@@ -73,10 +73,18 @@ class OpenAIUpstream:
         """
         payload = {**body, "stream": True}
         payload["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        response = await self._open(orjson.dumps(payload))
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout_at(started + self._timeouts.total):
+                response = await self._open(orjson.dumps(payload))
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                "the upstream did not start streaming within the total timeout",
+                which="total_timeout",
+            ) from exc
         released = False
         try:
-            async for draft in self._read(response):
+            async for draft in self._read(response, started):
                 yield draft
             released = True
         finally:
@@ -146,19 +154,23 @@ class OpenAIUpstream:
         cap = min(self._retries.backoff_max, self._retries.backoff_initial * 2 ** (attempt - 1))
         return random.uniform(cap / 2, cap)  # jitter so that retries do not arrive in lockstep
 
-    async def _read(self, response: aiohttp.ClientResponse) -> AsyncIterator[EventDraft]:
+    async def _read(
+        self, response: aiohttp.ClientResponse, started: float
+    ) -> AsyncIterator[EventDraft]:
         parser = SSEDataParser()
         translator = ChunkTranslator()
 
         def expire() -> None:
             response.content.set_exception(_DeadlineExpired())
 
-        watchdog = Watchdog(self._timeouts, expire)
+        watchdog = Watchdog(self._timeouts, expire, started)
         watchdog.start()
         try:
             async for chunk in response.content.iter_any():
-                watchdog.touch()
-                for payload in parser.feed(chunk):
+                payloads = parser.feed(chunk)
+                if payloads:  # comments and partial events are not progress
+                    watchdog.touch()
+                for payload in payloads:
                     if payload == b"[DONE]":
                         return
                     for draft in translator.translate(_decode(payload)):

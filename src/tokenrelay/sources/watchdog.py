@@ -22,11 +22,17 @@ class Watchdog:
 
     __slots__ = ("_handle", "_loop", "_on_expire", "_started", "_timeouts", "expired", "last_chunk")
 
-    def __init__(self, timeouts: TimeoutSettings, on_expire: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        timeouts: TimeoutSettings,
+        on_expire: Callable[[], None],
+        started: float | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._timeouts = timeouts
         self._on_expire = on_expire
-        self._started = self._loop.time()
+        # ``started`` (loop time) lets the total deadline count what came before the stream.
+        self._started = self._loop.time() if started is None else started
         self._handle: asyncio.TimerHandle | None = None
         self.last_chunk: float | None = None
         self.expired: str | None = None
@@ -35,8 +41,13 @@ class Watchdog:
         self._arm()
 
     def touch(self) -> None:
-        """A chunk arrived: the hot path, one clock read and one store."""
+        """Data arrived: the hot path, one clock read and one store."""
+        first = self.last_chunk is None
         self.last_chunk = self._loop.time()
+        if first and self._handle is not None:
+            # From the first-token deadline to the idle one, which may come sooner: re-arm once.
+            self._handle.cancel()
+            self._arm()
 
     def stop(self) -> None:
         if self._handle is not None:

@@ -1,0 +1,195 @@
+"""The ``tokenrelay`` command as a user runs it: ``python -m tokenrelay ...`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import tokenrelay
+from tests.conftest import Server, free_port, start_server
+
+SECRET = "sk-cli-secret-do-not-print"
+
+VALID = f"""
+[server]
+port = 8100
+
+[timeouts]
+idle = 12.5
+
+[[upstreams]]
+url = "http://model.internal:8000/v1"
+api_key = "{SECRET}"
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TOKENRELAY_")}
+    return {**env, **extra}
+
+
+def tokenrelay_cmd(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenrelay", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(**env),
+        timeout=30,
+    )
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_check_config_prints_effective_settings(tmp_path: Path) -> None:
+    result = tokenrelay_cmd("check-config", str(write(tmp_path, "ok.toml", VALID)))
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["server"]["port"] == 8100
+    assert settings["server"]["host"] == "127.0.0.1"
+    assert settings["timeouts"]["idle"] == 12.5
+    assert settings["timeouts"]["connect"] == 5.0
+    assert settings["upstreams"] == [
+        {"url": "http://model.internal:8000/v1", "api_key": "**********"}
+    ]
+    assert set(settings) == {"server", "upstreams", "timeouts", "retries", "limits", "mock"}
+    assert SECRET not in result.stdout
+    assert SECRET not in result.stderr
+
+
+def test_check_config_reads_yaml(tmp_path: Path) -> None:
+    text = (
+        f"server:\n  port: 8100\nupstreams:\n  - url: https://x.example/v1\n    api_key: {SECRET}\n"
+    )
+    result = tokenrelay_cmd("check-config", str(write(tmp_path, "ok.yaml", text)))
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["server"]["port"] == 8100
+    assert settings["upstreams"][0]["api_key"] == "**********"
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_config_applies_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "ok.toml", VALID)
+    result = tokenrelay_cmd("check-config", str(path), TOKENRELAY_SERVER__PORT="9999")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout)
+    assert settings["server"]["port"] == 9999
+    assert settings["timeouts"]["idle"] == 12.5
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        pytest.param("[timeouts]\nidle = -1\n", "timeouts.idle", id="negative-idle"),
+        pytest.param("[server]\nprot = 8080\n", "server.prot", id="unknown-field"),
+        pytest.param("verbose = true\n", "verbose", id="unknown-top-level"),
+        pytest.param("[[upstreams]]\nurl = 'ftp://x'\n", "upstreams.0.url", id="bad-url"),
+    ],
+)
+def test_check_config_names_the_bad_field(tmp_path: Path, text: str, field: str) -> None:
+    result = tokenrelay_cmd("check-config", str(write(tmp_path, "bad.toml", text)))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert f"invalid setting {field}:" in result.stderr
+
+
+def test_check_config_names_a_bad_environment_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "ok.toml", VALID)
+    result = tokenrelay_cmd("check-config", str(path), TOKENRELAY_TIMEOUTS__IDLE="-5")
+    assert result.returncode != 0
+    assert "timeouts.idle" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        pytest.param("bad.json", "{}", ".toml, .yaml or .yml", id="suffix"),
+        pytest.param("bad.toml", "[server\nport = 1\n", "cannot read config", id="broken-toml"),
+        pytest.param("bad.yaml", "server: [1, 2\n", "cannot read config", id="broken-yaml"),
+    ],
+)
+def test_check_config_unreadable_file(tmp_path: Path, name: str, text: str, message: str) -> None:
+    result = tokenrelay_cmd("check-config", str(write(tmp_path, name, text)))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    result = tokenrelay_cmd("check-config", str(tmp_path / "absent.toml"))
+    assert result.returncode != 0
+    assert "absent.toml" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    result = tokenrelay_cmd("version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == tokenrelay.__version__
+    assert tokenrelay.__version__
+
+
+@pytest.fixture
+def mock_model_gateway(tmp_path: Path) -> Iterator[tuple[Server, int]]:
+    """``tokenrelay serve`` with no upstream at all, on a free port."""
+    port = free_port()
+    server = start_server(
+        ["serve", "--port", str(port)],
+        "/readyz",
+        port,
+        tmp_path / "serve.log",
+        {"TOKENRELAY_MOCK__ITL_MS": "5"},
+    )
+    yield server, port
+    server.stop()
+
+
+def test_serve_without_upstream_uses_the_built_in_mock(
+    mock_model_gateway: tuple[Server, int],
+) -> None:
+    server, port = mock_model_gateway
+    startup = [line for line in server.log().splitlines() if "built-in mock model" in line]
+    assert len(startup) == 1
+    assert f"http://127.0.0.1:{port}" in startup[0]
+    assert tokenrelay.__version__ in startup[0]
+
+    body = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", server.url + "/v1/runs", json=body, timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        lines = list(response.iter_lines())
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    assert events[0] == "run.started"
+    assert events[-1] == "run.completed"
+    assert events.count("run.completed") == 1
+    assert events.count("message.delta") == 21  # the role chunk and 20 default tokens
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    text = "".join(
+        d.get("content", "") for d, e in zip(data, events, strict=True) if e == "message.delta"
+    )
+    assert text == "".join(f"tok{i} " for i in range(20))
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == "mock-model"
+
+
+def test_serve_stops_cleanly_on_sigterm(mock_model_gateway: tuple[Server, int]) -> None:
+    server, _ = mock_model_gateway
+    server.stop()
+    # uvicorn re-raises the SIGTERM it handled once the graceful shutdown is done.
+    assert server.process.returncode in (0, -signal.SIGTERM)
+    log = server.log()
+    assert "Application shutdown complete." in log
+    assert "Traceback" not in log
