@@ -32,11 +32,23 @@ def new_run_id() -> str:
 class Run:
     """What this process knows about a run it drives."""
 
-    __slots__ = ("cancel_reason", "failure", "id", "subscribers", "task")
+    __slots__ = (
+        "cancel_reason",
+        "driving",
+        "failure",
+        "id",
+        "stop_requested",
+        "subscribers",
+        "task",
+    )
 
     def __init__(self, run_id: str) -> None:
         self.id = run_id
         self.task: asyncio.Task[None] | None = None
+        # A task cancelled before its first step never runs a line of its coroutine, so no
+        # terminal event would be written: until it runs, a stop is only requested.
+        self.driving = False
+        self.stop_requested = False
         self.subscribers = 0
         # The error that failed the run, kept so the HTTP layer can answer with its status when
         # the run fails before its stream has started.
@@ -107,11 +119,7 @@ class Hub:
     async def cancel(self, run_id: str, reason: str = "cancelled") -> bool:
         """Cancel a run this process drives; returns whether it was still running."""
         run = self._runs.get(run_id)
-        if run is None or run.task is None or run.task.done():
-            return False
-        run.cancel_reason = reason
-        run.task.cancel()
-        return True
+        return run is not None and _stop(run, reason)
 
     async def drain(self, grace: float) -> None:
         """Stop accepting runs, give the running ones ``grace`` seconds to finish, cancel the rest.
@@ -133,14 +141,16 @@ class Hub:
 
     def _release(self, run: Run) -> None:
         run.subscribers -= 1
-        if run.subscribers == 0 and run.task is not None and not run.task.done():
-            run.cancel_reason = "client_disconnected"
-            run.task.cancel()
+        if run.subscribers == 0:
+            _stop(run, "client_disconnected")
 
     async def _drive(self, run: Run, source: AsyncIterator[EventDraft]) -> None:
         log, run_id, seq = self.log, run.id, 0
         terminal: EventDraft
+        run.driving = True
         try:
+            if run.stop_requested:
+                raise asyncio.CancelledError
             async for event_type, data in source:
                 seq += 1
                 if event_type is EventType.RUN_STARTED:
@@ -162,6 +172,18 @@ class Hub:
         await log.seal(run_id)
         self._runs.pop(run_id, None)
         _log_run_end(run, terminal)
+
+
+def _stop(run: Run, reason: str) -> bool:
+    """Cancel a run's task, or ask it to stop as it starts; False if it already ended."""
+    if run.task is None or run.task.done():
+        return False
+    run.cancel_reason = reason
+    if run.driving:
+        run.task.cancel()
+    else:
+        run.stop_requested = True
+    return True
 
 
 async def _close_source(source: AsyncIterator[EventDraft]) -> None:

@@ -40,8 +40,11 @@ class ChunkTranslator:
         if not self.started:
             self.started = True
             drafts.append((EventType.RUN_STARTED, started_data(chunk)))
+        choices = chunk.get("choices")
+        if choices is not None and not isinstance(choices, list):
+            raise UpstreamMalformed("upstream chunk has choices that are not a list")
         try:
-            for choice in chunk.get("choices") or ():
+            for choice in choices or ():
                 self._choice(choice, drafts)
         except (AttributeError, TypeError) as exc:
             raise UpstreamMalformed(f"upstream chunk has an unexpected shape: {exc}") from exc
@@ -54,7 +57,13 @@ class ChunkTranslator:
 
     def _choice(self, choice: dict[str, Any], drafts: list[EventDraft]) -> None:
         index = choice.get("index", 0)
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta")
+        if type(index) is not int:
+            raise TypeError("the choice index is not an integer")
+        if delta is None:
+            delta = {}
+        elif not isinstance(delta, dict):
+            raise TypeError("the delta is not an object")
         logprobs = choice.get("logprobs")
         if len(delta) == 1 and "content" in delta and logprobs is None:
             # The hot path: a plain text token.

@@ -10,12 +10,13 @@ from __future__ import annotations
 class SSEDataParser:
     """Feed bytes as they arrive; get back the ``data`` payload of each complete event."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_after_cr", "_buffer")
 
     MAX_EVENT_BYTES = 8 * 1024 * 1024
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._after_cr = False  # the last chunk ended in \r: a \n starting the next is its pair
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data payloads of the events completed by ``chunk`` (may be empty).
@@ -23,6 +24,9 @@ class SSEDataParser:
         Raises:
             ValueError: an event grew past ``MAX_EVENT_BYTES`` without ending.
         """
+        if self._after_cr and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._after_cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
