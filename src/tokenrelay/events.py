@@ -33,25 +33,20 @@ EventDraft = tuple[EventType, dict[str, Any]]
 
 
 class Event:
-    """One numbered event of a run.
+    """One numbered event of a run. Treated as immutable."""
 
-    Treated as immutable. The JSON of ``data`` is encoded at most once, however many subscribers
-    and transports render the event.
-    """
-
-    __slots__ = ("_data_json", "data", "seq", "type")
+    __slots__ = ("data", "seq", "type")
 
     def __init__(self, seq: int, type: EventType, data: dict[str, Any]) -> None:
         self.seq = seq
         self.type = type
         self.data = data
-        self._data_json: bytes | None = None
 
     @property
     def data_json(self) -> bytes:
-        if self._data_json is None:
-            self._data_json = orjson.dumps(self.data)
-        return self._data_json
+        # Not cached: orjson's result keeps a ~4 KiB allocation alive behind a few dozen bytes,
+        # which, kept for every event of every retained run, would dominate the gateway's memory.
+        return orjson.dumps(self.data)
 
     @property
     def is_terminal(self) -> bool:

@@ -39,7 +39,7 @@ _TOKEN_TYPES = frozenset({EventType.MESSAGE_DELTA, EventType.TOOL_CALL_DELTA})
 
 
 class _ClientGone(Exception):
-    """The client closed the connection or stopped reading past the send timeout."""
+    """The client closed the connection."""
 
 
 class RunResponse(Response):
@@ -71,22 +71,40 @@ class RunResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stats: dict[str, Any] = scope.setdefault("state", {})
         self._started_at = self._stats.get("started_at", time.perf_counter())
+        self._loop = asyncio.get_running_loop()
+        self._sending_since: float | None = None
+        self._send_timed_out = False
         serve = asyncio.ensure_future(self._serve(send))
         watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        self._guard = self._loop.call_later(self._send_timeout, self._check_send, serve)
         try:
             await asyncio.wait((serve, watch), return_when=asyncio.FIRST_COMPLETED)
-            served = serve.done()
+            served = serve.done() and not self._send_timed_out
         finally:
+            self._guard.cancel()
             serve.cancel()
             watch.cancel()
             await asyncio.gather(serve, watch, return_exceptions=True)
             self._subscription.close()
         failure = None if serve.cancelled() else serve.exception()
+        if self._send_timed_out:
+            logger.warning("client_send_timeout", run_id=self._subscription.run.id)
         if not served or isinstance(failure, _ClientGone):
             self._stats["client_disconnected"] = True
             logger.info("client_disconnected", run_id=self._subscription.run.id)
         elif failure is not None:
             raise failure
+
+    def _check_send(self, serve: asyncio.Future[None]) -> None:
+        """The send timeout, one timer per response rather than one per write."""
+        now = self._loop.time()
+        since = self._sending_since
+        if since is not None and now - since >= self._send_timeout:
+            self._send_timed_out = True  # the client stopped reading: give up on it
+            serve.cancel()
+            return
+        next_check = (since if since is not None else now) + self._send_timeout
+        self._guard = self._loop.call_at(next_check, self._check_send, serve)
 
     async def _serve(self, send: Send) -> None:
         first = await self._subscription.next_batch(None)
@@ -161,15 +179,13 @@ class RunResponse(Response):
         await self._send({"type": "http.response.body", "body": body}, send)
 
     async def _send(self, message: Message, send: Send) -> None:
-        # A client that stops reading must not hold the run (and its memory) forever.
+        # _check_send watches this: a client that stops reading must not hold the run forever.
+        self._sending_since = self._loop.time()
         try:
-            async with asyncio.timeout(self._send_timeout):
-                await send(message)
-        except TimeoutError:
-            logger.warning("client_send_timeout", run_id=self._subscription.run.id)
-            raise _ClientGone from None
+            await send(message)
         except OSError as exc:
             raise _ClientGone from exc
+        self._sending_since = None
 
     def _note_first_token(self, batch: Sequence[Event]) -> None:
         if any(event.type in _TOKEN_TYPES for event in batch):

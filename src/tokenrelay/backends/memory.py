@@ -10,13 +10,13 @@ from tokenrelay.events import Event
 
 
 class _RunEvents:
-    __slots__ = ("events", "expiry", "waiter")
+    __slots__ = ("events", "expiry", "waiters")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
-        # One future shared by every waiting reader, replaced after each append: a wake-up costs
-        # one set_result however many readers follow the run.
-        self.waiter: asyncio.Future[None] | None = None
+        # One future per waiting reader, each awaited only by its reader: waking a reader is a
+        # set_result, and a reader that gives up (timeout, cancel) affects no other reader.
+        self.waiters: list[asyncio.Future[None]] = []
         self.expiry: asyncio.TimerHandle | None = None
 
 
@@ -33,11 +33,7 @@ class MemoryStreamLog:
     async def append(self, run_id: str, events: Sequence[Event]) -> None:
         run = self._get(run_id)
         run.events.extend(events)
-        waiter = run.waiter
-        if waiter is not None:
-            run.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        _wake(run)
 
     async def read(self, run_id: str, after: int, timeout: float | None) -> Sequence[Event]:
         run = self._get(run_id)
@@ -45,14 +41,22 @@ class MemoryStreamLog:
             return run.events[after:]
         if run.expiry is not None:
             return ()  # sealed: nothing more will come
-        if run.waiter is None:
-            run.waiter = asyncio.get_running_loop().create_future()
-        # asyncio.wait never cancels the shared future when this reader times out or is cancelled.
-        await asyncio.wait((run.waiter,), timeout=timeout)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        run.waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter in run.waiters:  # timed out or cancelled: no append took it out
+                run.waiters.remove(waiter)
         return run.events[after:]
 
     async def seal(self, run_id: str) -> None:
         run = self._get(run_id)
+        _wake(run)
         if run.expiry is None:
             loop = asyncio.get_running_loop()
             run.expiry = loop.call_later(self._retention, self._runs.pop, run_id, None)
@@ -69,3 +73,14 @@ class MemoryStreamLog:
             return self._runs[run_id]
         except KeyError:
             raise NotFound(f"run {run_id} does not exist or has expired") from None
+
+
+def _wake(run: _RunEvents) -> None:
+    waiters, run.waiters = run.waiters, []
+    for waiter in waiters:
+        _resolve(waiter)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
