@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, shutdown: asyncio.Event | None 
         async with AsyncExitStack() as stack:
             target = await _upstream_target(settings, stack)
             session = await stack.enter_async_context(_client_session())
-            stream_log = MemoryStreamLog()
+            stream_log = MemoryStreamLog(settings.runs.retention, settings.runs.max_retained_events)
             stack.callback(stream_log.close)
             hub = Hub(stream_log)
             stack.push_async_callback(hub.close)

@@ -85,6 +85,17 @@ class LimitSettings(_Section):
     max_n: int = Field(1, ge=1, description="Largest accepted `n` (choices per request).")
 
 
+class RunSettings(_Section):
+    retention: float = Field(
+        600.0, gt=0, description="Seconds a finished run's events are kept after its end."
+    )
+    max_retained_events: int = Field(
+        1_000_000,
+        gt=0,
+        description="Events of finished runs kept in memory in all; the oldest runs go first.",
+    )
+
+
 class MockSettings(_Section):
     """The built-in mock model served when no upstream is configured."""
 
@@ -107,6 +118,7 @@ class Settings(BaseSettings):
     timeouts: TimeoutSettings = TimeoutSettings()
     retries: RetrySettings = RetrySettings()
     limits: LimitSettings = LimitSettings()
+    runs: RunSettings = RunSettings()
     mock: MockSettings = MockSettings()
 
     @classmethod

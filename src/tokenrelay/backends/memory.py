@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from tokenrelay.errors import NotFound
@@ -21,11 +22,19 @@ class _RunEvents:
 
 
 class MemoryStreamLog:
-    """A StreamLog in a dict; finished runs are dropped ``retention`` seconds after their end."""
+    """A StreamLog in a dict.
 
-    def __init__(self, retention: float = 600.0) -> None:
+    Finished runs are kept ``retention`` seconds after their end, and at most
+    ``max_retained_events`` events of finished runs in all: past that the oldest finished runs
+    are dropped first, so a busy process cannot grow without bound.
+    """
+
+    def __init__(self, retention: float = 600.0, max_retained_events: int = 1_000_000) -> None:
         self._retention = retention
+        self._max_retained_events = max_retained_events
         self._runs: dict[str, _RunEvents] = {}
+        self._sealed: OrderedDict[str, int] = OrderedDict()  # finished runs, oldest first
+        self._sealed_events = 0
 
     async def create(self, run_id: str) -> None:
         self._runs[run_id] = _RunEvents()
@@ -59,7 +68,17 @@ class MemoryStreamLog:
         _wake(run)
         if run.expiry is None:
             loop = asyncio.get_running_loop()
-            run.expiry = loop.call_later(self._retention, self._runs.pop, run_id, None)
+            run.expiry = loop.call_later(self._retention, self._forget, run_id)
+            self._sealed[run_id] = len(run.events)
+            self._sealed_events += len(run.events)
+            while self._sealed_events > self._max_retained_events and len(self._sealed) > 1:
+                self._forget(next(iter(self._sealed)))
+
+    def _forget(self, run_id: str) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is not None and run.expiry is not None:
+            run.expiry.cancel()
+        self._sealed_events -= self._sealed.pop(run_id, 0)
 
     def close(self) -> None:
         """Cancel the pending expiry timers (at shutdown)."""
@@ -67,6 +86,8 @@ class MemoryStreamLog:
             if run.expiry is not None:
                 run.expiry.cancel()
         self._runs.clear()
+        self._sealed.clear()
+        self._sealed_events = 0
 
     def _get(self, run_id: str) -> _RunEvents:
         try:
