@@ -123,6 +123,82 @@ def check_config(
 
 
 @cli.command()
+def bench(
+    url: Annotated[
+        str, typer.Argument(help="Base URL of tokenrelay or any OpenAI-compatible server.")
+    ],
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Open streams.")] = 10,
+    requests: Annotated[
+        int | None,
+        typer.Option("--requests", "-n", help="Streams to complete (100 when -d is not given)."),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", "-d", help="Seconds after which no stream starts (≤ 3600)."),
+    ] = None,
+    stream_format: Annotated[
+        str, typer.Option("--format", help="openai (/v1/chat/completions) or native (/v1/runs).")
+    ] = "openai",
+    model: Annotated[str, typer.Option(help="The model of every request.")] = "mock-model",
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="The user message of every request (default: a short sentence)."),
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="max_tokens of every request.")] = None,
+    mock: Annotated[
+        str | None, typer.Option(help='Mock upstream options as JSON, e.g. {"tokens": 200}.')
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Sent as a Bearer token.", envvar="TOKENRELAY_BENCH_API_KEY"),
+    ] = None,
+    ramp: Annotated[
+        float | None, typer.Option(help="New connections per second (default: all at once).")
+    ] = None,
+    requests_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSONL: extra body fields per request, used round-robin.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    slow_reader: Annotated[
+        int | None, typer.Option(help="Read each stream at most this many bytes per second.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds one stream may take.")] = 300.0,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the results as one JSON object.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress line.")] = False,
+) -> None:
+    """Load-test a streaming server: TTFT, inter-token gaps, throughput, failures by code."""
+    from tokenrelay.bench.command import build_config, run_command
+
+    try:
+        config = build_config(
+            url,
+            mock=mock,
+            requests_file=requests_file,
+            concurrency=concurrency,
+            requests=requests,
+            duration=duration,
+            format=stream_format,
+            model=model,
+            max_tokens=max_tokens,
+            api_key=api_key,
+            ramp=ramp,
+            slow_reader=slow_reader,
+            timeout=timeout,
+            **_given(prompt=prompt),
+        )
+    except (OSError, ValueError) as exc:
+        typer.echo(f"bench: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_command(config, json_output=json_output, quiet=quiet))
+
+
+@cli.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

@@ -11,6 +11,7 @@ TokenRelayError
 │   ├── ValidationFailed         422 validation_failed (field-level ``errors``)
 │   ├── BodyTooLarge             413 body_too_large
 │   ├── NotAcceptable            406 not_acceptable
+│   ├── UnsupportedMediaType     415 unsupported_media_type
 │   ├── NotFound                 404 not_found
 │   └── MethodNotAllowed         405 method_not_allowed
 ├── UpstreamError                the model server failed us (502/503/504 before a stream)
@@ -94,6 +95,12 @@ class NotAcceptable(RequestError):
     code = "not_acceptable"
     status = 406
     title = "No acceptable response format"
+
+
+class UnsupportedMediaType(RequestError):
+    code = "unsupported_media_type"
+    status = 415
+    title = "Unsupported media type"
 
 
 class NotFound(RequestError):

@@ -282,3 +282,27 @@ def test_each_request_gets_its_own_id(gateway_url: str) -> None:
     ids = {send(gateway_url, "/v1/runs", b"{").headers["x-request-id"] for _ in range(5)}
     assert len(ids) == 5
     assert all(GENERATED_ID.match(i) for i in ids)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/runs"])
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", None], ids=str
+)
+def test_body_not_sent_as_json_is_415(
+    gateway_url: str, mock_url: str, path: str, content_type: str | None
+) -> None:
+    body = b'{"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = httpx.post(gateway_url + path, content=body, headers=headers)
+    assert response.status_code == 415
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "unsupported_media_type"
+    assert httpx.get(mock_url + "/mock/requests").json()["requests"] == []
+
+
+def test_json_with_charset_is_accepted(gateway_url: str) -> None:
+    body = b'{"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    response = httpx.post(gateway_url + "/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 200
+    assert response.json()["object"] == "chat.completion"

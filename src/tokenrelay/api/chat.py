@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from tokenrelay.transports.openai import OpenAIChunkRenderer
 
-from .deps import ServicesDep
+from .deps import JSONBody, ServicesDep
 from .problems import PROBLEM_RESPONSES
 from .schemas import ChatCompletionRequest, check_limits
 from .streaming import RunResponse
@@ -35,6 +35,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     "/chat/completions",
     summary="Create a chat completion (OpenAI-compatible)",
     response_model=None,
+    dependencies=[JSONBody],
     responses=_RESPONSES,
 )
 async def create_chat_completion(

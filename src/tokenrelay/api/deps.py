@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from tokenrelay.errors import UnsupportedMediaType
 from tokenrelay.services import Services
 
 
@@ -15,3 +16,19 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def require_json(request: Request) -> None:
+    """Bodies must say they are JSON.
+
+    A form-encoded POST is a "simple" cross-site request that browsers send without a CORS
+    preflight; refusing it keeps other web pages from starting paid generations.
+    """
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"send the request body as application/json (Content-Type was {media_type!r})"
+        )
+
+
+JSONBody = Depends(require_json)

@@ -60,6 +60,7 @@ def problem_doc(description: str) -> dict[str, Any]:
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: problem_doc("Invalid JSON or a request the upstream refused"),
     413: problem_doc("Request body too large"),
+    415: problem_doc("The body is not sent as application/json"),
     422: problem_doc("Request failed validation; `errors` names each field"),
     502: problem_doc("The upstream failed before the stream started"),
     503: problem_doc("The upstream or the gateway is overloaded or shutting down"),

@@ -13,7 +13,7 @@ from tokenrelay.transports import StreamRenderer
 from tokenrelay.transports.ndjson import NDJSONRenderer
 from tokenrelay.transports.sse import NativeSSERenderer
 
-from .deps import ServicesDep
+from .deps import JSONBody, ServicesDep
 from .problems import PROBLEM_RESPONSES, problem_doc
 from .schemas import ChatCompletionRequest, check_limits
 from .streaming import RunResponse
@@ -60,6 +60,7 @@ def choose_renderer(accept: str | None) -> StreamRenderer:
     "/runs",
     summary="Start a run and stream its native events",
     response_model=None,
+    dependencies=[JSONBody],
     response_class=RunResponse,
     status_code=200,
     responses=_RESPONSES,

@@ -29,6 +29,7 @@ _CONTENT_VALUE_AT: Final = len(_CONTENT_KEY)
 _QUOTE: Final = b'"'
 _DONE: Final = b"[DONE]"
 _NATIVE_DELTA: Final = b"event: message.delta\n"
+_MAX_FRAME: Final = 1024 * 1024  # an unfinished frame beyond this is not a token stream
 # Delta fields whose text is generated output: a chunk with any of them non-empty is a token.
 _TOKEN_FIELDS: Final = ("content", "reasoning_content", "reasoning", "refusal")
 MALFORMED: Final = "malformed"
@@ -65,6 +66,12 @@ class _SSEFrames:
         self._tail = blocks.pop()
         return blocks
 
+    def _check_tail(self) -> None:
+        """Keep memory bounded whatever the server sends: a frame has a maximum size."""
+        if len(self._tail) > _MAX_FRAME and not self.finished:
+            self._tail = b""
+            self._fail(MALFORMED)
+
     def _fail(self, code: str) -> None:
         self.finished = True
         self.failure = code
@@ -86,7 +93,8 @@ class OpenAIFrameParser(_SSEFrames):
                 continue
             tokens += self._slow_frame(block)
             if self.finished:
-                break
+                return tokens
+        self._check_tail()
         return tokens
 
     def _slow_frame(self, block: bytes) -> int:
@@ -135,7 +143,8 @@ class NativeFrameParser(_SSEFrames):
                     continue
             tokens += self._slow_frame(block)
             if self.finished:
-                break
+                return tokens
+        self._check_tail()
         return tokens
 
     def _slow_frame(self, block: bytes) -> int:

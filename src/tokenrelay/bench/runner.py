@@ -159,8 +159,7 @@ class _BenchRun:
                     self._config.endpoint, data=body, headers=self._headers
                 ) as response:
                     if response.status != 200:
-                        raw = await response.content.read(_ERROR_BODY_LIMIT)
-                        tally.bytes += len(raw)
+                        raw = await self._read_error_body(response.content)
                         failure = http_failure_code(response.status, raw)
                     else:
                         failure, ended = await self._read(response, sent, deadline)
@@ -201,6 +200,16 @@ class _BenchRun:
                 await self._drain(reader)
                 return parser.failure, now
         return "incomplete", clock()
+
+    async def _read_error_body(self, content: aiohttp.StreamReader) -> bytes:
+        """The start of an error answer, enough for its code; a huge one is not read whole."""
+        pieces: list[bytes] = []
+        size = 0
+        while size < _ERROR_BODY_LIMIT and (data := await content.read(_ERROR_BODY_LIMIT - size)):
+            pieces.append(data)
+            size += len(data)
+        self._tally.bytes += size
+        return b"".join(pieces)
 
     async def _drain(self, reader: _BodyReader) -> None:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
