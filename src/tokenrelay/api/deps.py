@@ -1,4 +1,8 @@
-"""Route dependencies: the components of the running gateway, from the lifespan state."""
+"""Route dependencies: the components of the running gateway, from the lifespan state.
+
+They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in a worker thread,
+a thread hop per request.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from tokenrelay.errors import UnsupportedMediaType
 from tokenrelay.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.state.services
     return services
 
@@ -18,7 +22,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """Bodies must say they are JSON.
 
     A form-encoded POST is a "simple" cross-site request that browsers send without a CORS

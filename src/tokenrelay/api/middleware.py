@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import time
@@ -23,12 +24,16 @@ class RequestContextMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Generated ids: a random per-process prefix and a counter, unique without a system
+        # call per request.
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id = _client_request_id(scope) or f"{self._id_prefix}{next(self._ids):08x}"
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["started_at"] = started = time.perf_counter()
@@ -61,13 +66,14 @@ class RequestContextMiddleware:
             structlog.contextvars.unbind_contextvars("request_id")
 
 
-def _request_id(scope: Scope) -> str:
+def _client_request_id(scope: Scope) -> str | None:
+    """The client's ``X-Request-ID`` when it is safe to log and echo."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate: str = value.decode("latin-1")
             if _SAFE_REQUEST_ID.match(candidate):
                 return candidate
-    return secrets.token_hex(8)
+    return None
 
 
 class BodyLimitMiddleware:

@@ -37,6 +37,7 @@ from tokenrelay.sources.watchdog import Watchdog
 logger = structlog.get_logger("tokenrelay.upstream")
 
 _ERROR_BODY_LIMIT = 64 * 1024
+_DRAIN_TIMEOUT = 1.0  # seconds to wait for the end of a body after its [DONE]
 
 
 class _DeadlineExpired(Exception):
@@ -82,14 +83,14 @@ class OpenAIUpstream:
                 "the upstream did not start streaming within the total timeout",
                 which="total_timeout",
             ) from exc
-        released = False
+        complete = False
         try:
             async for draft in self._read(response, started):
                 yield draft
-            released = True
+            complete = True
         finally:
-            if released:
-                response.release()
+            if complete:
+                await _release(response)
             else:
                 response.close()  # the upstream sees the disconnect and stops generating
 
@@ -191,6 +192,20 @@ class OpenAIUpstream:
         # The body ended without [DONE]: complete only if every choice had finished.
         if translator.finished_choices == 0 or parser.pending.strip():
             raise UpstreamDisconnected("the upstream closed the stream before it was complete")
+
+
+async def _release(response: aiohttp.ClientResponse) -> None:
+    """Read the rest of a finished body (the chunked terminator after ``[DONE]``) and give the
+    connection back to the pool; aiohttp closes a connection whose body was not read to its end.
+    """
+    try:
+        async with asyncio.timeout(_DRAIN_TIMEOUT):
+            while await response.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError):
+        response.close()
+    else:
+        response.release()
 
 
 def _decode(payload: bytes) -> Any:
