@@ -136,4 +136,7 @@ def write_report(
         "process, divided by the concurrent streams.",
         "",
     ]
+    analysis = path.parent / "analysis.md"
+    if analysis.exists():  # hand-written: the profile and what stands in the way
+        lines += [analysis.read_text()]
     path.write_text("\n".join(lines))
