@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, shutdown: asyncio.Event | None 
                 drainer = asyncio.create_task(_drain_on(shutdown, hub, settings.server.drain_grace))
                 stack.callback(drainer.cancel)
             logger.info("gateway_started", upstream=target.url, mock=not settings.upstreams)
-            yield {"services": Services(settings=settings, hub=hub, upstream=upstream)}
+            yield {"services": Services(settings=settings, hub=hub, source=upstream)}
 
     app = FastAPI(
         title="tokenrelay",

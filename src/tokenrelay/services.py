@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from tokenrelay.config import Settings
 from tokenrelay.runs.hub import Hub
-from tokenrelay.sources.openai_upstream import OpenAIUpstream
+from tokenrelay.sources import Source
 
 
 @dataclass(frozen=True, slots=True)
 class Services:
     settings: Settings
     hub: Hub
-    upstream: OpenAIUpstream
+    source: Source

@@ -1,4 +1,4 @@
-"""``GET /v1/models``: the upstream's models, relayed."""
+"""``GET /v1/models``: the models of the source (the upstream's, relayed)."""
 
 from __future__ import annotations
 
@@ -18,4 +18,4 @@ router = APIRouter(tags=["openai"])
     responses=PROBLEM_RESPONSES,
 )
 async def list_models(services: ServicesDep) -> dict[str, Any]:
-    return await services.upstream.list_models()
+    return await services.source.list_models()

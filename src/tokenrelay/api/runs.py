@@ -74,7 +74,7 @@ async def create_run(
     renderer = choose_renderer(accept)
     check_limits(completion, services.settings.limits)
     body = orjson.loads(await request.body())
-    subscription = await services.hub.start(services.upstream.stream(body))
+    subscription = await services.hub.start(services.source.stream(body))
     return RunResponse(
         subscription,
         renderer,
