@@ -193,3 +193,38 @@ def test_serve_stops_cleanly_on_sigterm(mock_model_gateway: tuple[Server, int]) 
     log = server.log()
     assert "Application shutdown complete." in log
     assert "Traceback" not in log
+
+
+def test_serve_an_agent_from_the_command_line(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(
+        ["serve", "--port", str(port), "--agent", "examples.agent_example:weather_agent"],
+        "/readyz",
+        port,
+        tmp_path / "agent.log",
+    )
+    try:
+        models = httpx.get(server.url + "/v1/models").json()
+        assert [model["id"] for model in models["data"]] == ["weather_agent"]
+        answer = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "weather_agent", "messages": [{"role": "user", "content": "hello"}]},
+            timeout=10,
+        ).json()
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["choices"][0]["finish_reason"] == "stop"
+    finally:
+        server.stop()
+    assert "serving the agent examples.agent_example:weather_agent" in server.log()
+
+
+def test_serve_refuses_an_agent_it_cannot_load() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "serve", "--agent", "no_such_module:agent"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "cannot load the agent no_such_module:agent" in result.stderr

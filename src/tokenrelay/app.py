@@ -22,18 +22,26 @@ from tokenrelay.api.problems import (
     handle_unexpected,
     handle_validation_error,
 )
-from tokenrelay.backends.memory import MemoryStreamLog
+from tokenrelay.backends.memory import MemoryRunRegistry, MemoryStreamLog
 from tokenrelay.config import Settings, UpstreamTarget
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.mockserver import MockDefaults, start_mock_server
 from tokenrelay.runs.hub import Hub
 from tokenrelay.services import Services
+from tokenrelay.sources import Source
+from tokenrelay.sources.agent import Agent, AgentSource
 from tokenrelay.sources.openai_upstream import OpenAIUpstream
 
 logger = structlog.get_logger("tokenrelay")
 
 
-def create_app(settings: Settings | None = None, shutdown: asyncio.Event | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    shutdown: asyncio.Event | None = None,
+    *,
+    agent: Agent | None = None,
+    agent_name: str = "agent",
+) -> FastAPI:
     """Build the gateway as an ASGI application.
 
     Args:
@@ -42,24 +50,34 @@ def create_app(settings: Settings | None = None, shutdown: asyncio.Event | None 
         shutdown: set by the owner of the process (``tokenrelay serve`` on SIGTERM) to drain:
             readiness fails, no new runs start, open runs get ``server.drain_grace`` seconds
             to finish and are then cancelled with a terminal event.
+        agent: an async generator function that answers every run (see ``docs/agents.md``);
+            when given, no upstream is used and no mock model is started.
+        agent_name: the model name under which the agent is listed by ``GET /v1/models``.
     """
     settings = settings or Settings()
+    agent_source = AgentSource(agent, agent_name) if agent is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with AsyncExitStack() as stack:
-            target = await _upstream_target(settings, stack)
-            session = await stack.enter_async_context(_client_session())
-            stream_log = MemoryStreamLog(settings.runs.retention, settings.runs.max_retained_events)
-            stack.callback(stream_log.close)
-            hub = Hub(stream_log)
+            source: Source
+            origin: dict[str, Any]
+            if agent_source is not None:
+                source, origin = agent_source, {"agent": agent_source.name}
+            else:
+                target = await _upstream_target(settings, stack)
+                session = await stack.enter_async_context(_client_session())
+                source = OpenAIUpstream(session, target, settings.timeouts, settings.retries)
+                origin = {"upstream": target.url, "mock": not settings.upstreams}
+            hub = Hub(*_memory_stores(settings, stack))
             stack.push_async_callback(hub.close)
-            upstream = OpenAIUpstream(session, target, settings.timeouts, settings.retries)
+            cancels = asyncio.create_task(hub.listen_for_cancels())
+            stack.callback(cancels.cancel)
             if shutdown is not None:
                 drainer = asyncio.create_task(_drain_on(shutdown, hub, settings.server.drain_grace))
                 stack.callback(drainer.cancel)
-            logger.info("gateway_started", upstream=target.url, mock=not settings.upstreams)
-            yield {"services": Services(settings=settings, hub=hub, source=upstream)}
+            logger.info("gateway_started", **origin)
+            yield {"services": Services(settings=settings, hub=hub, source=source)}
 
     app = FastAPI(
         title="tokenrelay",
@@ -78,6 +96,19 @@ def create_app(settings: Settings | None = None, shutdown: asyncio.Event | None 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _memory_stores(
+    settings: Settings, stack: AsyncExitStack
+) -> tuple[MemoryStreamLog, MemoryRunRegistry]:
+    runs = settings.runs
+    stream_log = MemoryStreamLog(
+        runs.retention, runs.max_retained_events, runs.max_events_per_run, runs.max_bytes_per_run
+    )
+    registry = MemoryRunRegistry(runs.retention)
+    stack.callback(stream_log.close)
+    stack.callback(registry.close)
+    return stream_log, registry
 
 
 async def _drain_on(shutdown: asyncio.Event, hub: Hub, grace: float) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import os
 import socket
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -45,6 +48,10 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option(help="debug, info, warning or error [default: info].")
     ] = None,
+    agent: Annotated[
+        str | None,
+        typer.Option(help="Serve a Python agent instead of an upstream: module:function."),
+    ] = None,
 ) -> None:
     """Run the gateway. With no upstream it serves the built-in mock model."""
     from tokenrelay.app import create_app
@@ -55,15 +62,21 @@ def serve(
         flags["upstreams"] = [_given(url=upstream, api_key=upstream_api_key)]
     settings = _load_or_exit(config, flags)
     configure_logging(settings.server.log_level, settings.server.log_format)
+    agent_function = _import_agent(agent) if agent is not None else None
     where = f"http://{settings.server.host}:{settings.server.port}"
-    if settings.upstreams:
+    if agent is not None:
+        serving = f"serving the agent {agent}"
+    elif settings.upstreams:
         serving = f"relaying {settings.upstreams[0].url}"
     else:
         serving = "no upstream configured: serving the built-in mock model"
     typer.echo(f"tokenrelay {__version__} on {where} ({serving})", err=True)
     shutdown = asyncio.Event()
+    app = create_app(
+        settings, shutdown, agent=agent_function, agent_name=(agent or "").rpartition(":")[2]
+    )
     server_config = uvicorn.Config(
-        create_app(settings, shutdown),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
@@ -202,6 +215,20 @@ def bench(
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+def _import_agent(spec: str) -> Any:
+    """``package.module:function`` → the function, importable from the current directory."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        typer.echo(f"--agent must look like module:function, got {spec!r}", err=True)
+        raise typer.Exit(2)
+    sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        typer.echo(f"cannot load the agent {spec}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _given(**values: Any) -> dict[str, Any]:

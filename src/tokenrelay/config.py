@@ -89,6 +89,22 @@ class RunSettings(_Section):
     retention: float = Field(
         600.0, gt=0, description="Seconds a finished run's events are kept after its end."
     )
+    disconnect_grace: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a /v1/runs run goes on with no reader before it is cancelled.",
+    )
+    openai_disconnect_grace: float = Field(
+        0.0,
+        ge=0,
+        description="The same for /v1/chat/completions; 0 cancels the upstream at once.",
+    )
+    max_events_per_run: int = Field(
+        10_000, gt=0, description="Events kept per run; past it the oldest are dropped."
+    )
+    max_bytes_per_run: int = Field(
+        4_194_304, gt=0, description="About the bytes of events kept per run."
+    )
     max_retained_events: int = Field(
         1_000_000,
         gt=0,

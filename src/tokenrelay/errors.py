@@ -13,6 +13,7 @@ TokenRelayError
 │   ├── NotAcceptable            406 not_acceptable
 │   ├── UnsupportedMediaType     415 unsupported_media_type
 │   ├── NotFound                 404 not_found
+│   ├── EventsLost               410 events_lost               the cursor is before the kept window
 │   └── MethodNotAllowed         405 method_not_allowed
 ├── UpstreamError                the model server failed us (502/503/504 before a stream)
 │   ├── UpstreamUnreachable      502 upstream_unreachable      connect refused, DNS, reset
@@ -24,6 +25,7 @@ TokenRelayError
 │   ├── UpstreamDisconnected     502 upstream_disconnected     the stream ended early
 │   ├── UpstreamMalformed        502 upstream_malformed        not SSE, not JSON, wrong shape
 │   └── UpstreamStreamError      502 upstream_stream_error     an error chunk mid-stream
+├── AgentError                   500 agent_error               the Python agent raised or misbehaved
 ├── ServiceUnavailable           503 shutting_down | overloaded
 └── InternalError                500 internal_error            a bug; details only in the log
 ```
@@ -109,6 +111,14 @@ class NotFound(RequestError):
     title = "Not found"
 
 
+class EventsLost(RequestError):
+    """A reader asked for events that are no longer kept (the run's log was trimmed)."""
+
+    code = "events_lost"
+    status = 410
+    title = "Events no longer available"
+
+
 class MethodNotAllowed(RequestError):
     code = "method_not_allowed"
     status = 405
@@ -189,6 +199,14 @@ class UpstreamStreamError(UpstreamError):
     title = "Upstream reported an error mid-stream"
 
 
+class AgentError(TokenRelayError):
+    """The Python agent raised, or yielded something it may not; details only in the log."""
+
+    code = "agent_error"
+    status = 500
+    title = "The agent failed"
+
+
 class ServiceUnavailable(TokenRelayError):
     code = "overloaded"
     status = 503
@@ -209,3 +227,7 @@ class InternalError(TokenRelayError):
     code = "internal_error"
     status = 500
     title = "Internal error"
+
+
+class EndOfStream(Exception):
+    """Control flow, never shown to a client: a run's log is sealed and read to its end."""

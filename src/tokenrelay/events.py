@@ -7,8 +7,9 @@ the resume cursor. Event type names are part of the public, versioned protocol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -21,6 +22,7 @@ class EventType(StrEnum):
     TOOL_CALL_DELTA = "tool_call.delta"
     MESSAGE_COMPLETED = "message.completed"
     USAGE = "usage"
+    RUN_STATUS = "run.status"  # progress of an agent; not part of the OpenAI format
     RUN_COMPLETED = "run.completed"
     RUN_FAILED = "run.failed"
     RUN_CANCELLED = "run.cancelled"
@@ -65,3 +67,32 @@ class Event:
 
     def __hash__(self) -> int:
         return hash((self.seq, self.type))
+
+
+RunStatus = Literal["running", "completed", "failed", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run's public record (``GET /v1/runs/{id}``)."""
+
+    id: str
+    status: RunStatus
+    created_at: float  # Unix time
+    detached: bool = False
+    finished_at: float | None = None
+    error_code: str | None = None  # the code of run.failed, or the reason of run.cancelled
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "object": "run",
+            "status": self.status,
+            "created_at": self.created_at,
+            "detached": self.detached,
+        }
+        if self.finished_at is not None:
+            data["finished_at"] = self.finished_at
+        if self.error_code is not None:
+            data["error_code"] = self.error_code
+        return data

@@ -642,14 +642,20 @@ def _read_then_leave(url: str, mock: dict[str, Any], enough: Any, timeout: float
     return raw
 
 
-def test_client_leaving_mid_stream_cancels_the_upstream(gateway_url: str, quiet_mock: str) -> None:
+@pytest.fixture
+def no_grace_url(gateway_factory: GatewayFactory, quiet_mock: str) -> str:
+    """A gateway whose /v1/runs runs stop as soon as their last reader leaves."""
+    return gateway_factory(**FAST_TIMEOUTS, TOKENRELAY_RUNS__DISCONNECT_GRACE="0").url
+
+
+def test_client_leaving_mid_stream_cancels_the_upstream(no_grace_url: str, quiet_mock: str) -> None:
     def enough(raw: bytes) -> bool:
         if b'"tok2 "' not in raw:
             return False
         assert stats(quiet_mock)["active_streams"] == 1
         return True
 
-    raw = _read_then_leave(gateway_url, {"tokens": 100, "itl_ms": 100}, enough)
+    raw = _read_then_leave(no_grace_url, {"tokens": 100, "itl_ms": 100}, enough)
     assert b"run.completed" not in raw
     assert wait_for(lambda: stats(quiet_mock)["client_disconnects"] == 1, 1.0), stats(quiet_mock)
     final = stats(quiet_mock)
@@ -661,7 +667,7 @@ def test_client_leaving_while_the_first_token_is_awaited_cancels_the_upstream(
     gateway_factory: GatewayFactory, quiet_mock: str
 ) -> None:
     # Default deadlines (60 s, 30 s): only the client's departure can end this upstream stream.
-    url = gateway_factory().url
+    url = gateway_factory(TOKENRELAY_RUNS__DISCONNECT_GRACE="0").url
 
     def enough(raw: bytes) -> bool:
         if b"run.started" not in raw:
@@ -677,14 +683,32 @@ def test_client_leaving_while_the_first_token_is_awaited_cancels_the_upstream(
     assert stats(quiet_mock)["completed_streams"] == 0
 
 
-def test_client_leaving_during_retries_stops_them(gateway_url: str, quiet_mock: str) -> None:
+def test_client_leaving_during_retries_stops_them(no_grace_url: str, quiet_mock: str) -> None:
     # Every attempt fails with 503 and asks for 0.5 s; the client gives up after 0.2 s.
     mock = {"http_error": 503, "retry_after": 0.5}
     with pytest.raises(httpx.ReadTimeout):
-        run_native(gateway_url, mock, timeout=0.2)
+        run_native(no_grace_url, mock, timeout=0.2)
     assert stats(quiet_mock)["requests"] == 1
     time.sleep(1.2)  # two more attempts would have been made by now
     assert stats(quiet_mock)["requests"] == 1
+
+
+def test_openai_client_leaving_cancels_the_upstream_at_once_by_default(
+    gateway_url: str, quiet_mock: str
+) -> None:
+    # The default gateway gives /v1/runs readers a grace period; the OpenAI endpoint has none.
+    body = {**chat_body({"tokens": 100, "itl_ms": 100}), "stream": True}
+    raw = b""
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", gateway_url + "/v1/chat/completions", json=body) as response,
+    ):
+        for piece in response.iter_raw():
+            raw += piece
+            if b'"tok2 "' in raw:
+                break
+    assert wait_for(lambda: stats(quiet_mock)["client_disconnects"] == 1, 1.0), stats(quiet_mock)
+    assert stats(quiet_mock)["completed_streams"] == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ PROBLEM = "application/problem+json"
 ROUTES = {
     "/v1/chat/completions": {"post"},
     "/v1/runs": {"post"},
+    "/v1/runs/{run_id}": {"get"},
+    "/v1/runs/{run_id}/events": {"get"},
+    "/v1/runs/{run_id}/cancel": {"post"},
     "/v1/models": {"get"},
     "/healthz": {"get"},
     "/readyz": {"get"},

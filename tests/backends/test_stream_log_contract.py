@@ -1,6 +1,8 @@
 """The StreamLog contract (``tokenrelay.runs.log.StreamLog``), run against every implementation.
 
-Add an implementation by adding its name to ``BACKENDS`` and a branch to ``make_stream_log``.
+Add an implementation by adding its name to ``BACKENDS`` and a branch to ``make_stream_log``,
+which builds a log of that backend with the bounds a test asks for (``retention``,
+``max_events_per_run``, ``max_bytes_per_run``).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ import asyncio
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from tokenrelay.backends.memory import MemoryStreamLog
-from tokenrelay.errors import NotFound
+from tokenrelay.errors import EndOfStream, EventsLost, NotFound
 from tokenrelay.events import Event, EventType
 from tokenrelay.runs.log import StreamLog
 
@@ -27,9 +30,10 @@ WAKE_GUARD = 2.0
 StreamLogFactory = Callable[..., StreamLog]
 
 
-def make_stream_log(backend: str, retention: float = 600.0) -> StreamLog:
+def make_stream_log(backend: str, **bounds: Any) -> StreamLog:
+    """A new, empty log of ``backend``; ``bounds`` are the keyword arguments of the tests."""
     if backend == "memory":
-        return MemoryStreamLog(retention=retention)
+        return MemoryStreamLog(**bounds)
     raise AssertionError(f"unknown StreamLog backend {backend!r}")
 
 
@@ -45,8 +49,8 @@ async def close_stream_log(log: StreamLog) -> None:
 async def stream_log_factory(request: pytest.FixtureRequest) -> AsyncIterator[StreamLogFactory]:
     created: list[StreamLog] = []
 
-    def factory(retention: float = 600.0) -> StreamLog:
-        log = make_stream_log(request.param, retention)
+    def factory(**bounds: Any) -> StreamLog:
+        log = make_stream_log(request.param, **bounds)
         created.append(log)
         return log
 
@@ -237,15 +241,30 @@ async def test_not_found_has_the_public_code(stream_log: StreamLog) -> None:
     assert info.value.instance_status() == 404
 
 
-async def test_after_seal_a_read_at_the_end_returns_empty_without_waiting(
+async def test_after_seal_a_read_at_the_end_raises_end_of_stream_without_waiting(
     stream_log: StreamLog, run_id: str
 ) -> None:
     await stream_log.append(run_id, deltas(1, 2))
     await stream_log.append(run_id, [Event(3, EventType.RUN_COMPLETED, {})])
     await stream_log.seal(run_id)
-    # timeout=None would wait forever on a run that can still grow.
-    assert list(await asyncio.wait_for(stream_log.read(run_id, 3, None), WAKE_GUARD)) == []
-    assert list(await asyncio.wait_for(stream_log.read(run_id, 3, READ_TIMEOUT), WAKE_GUARD)) == []
+    # timeout=None would wait forever on a run that can still grow; READ_TIMEOUT outlasts the
+    # guard, so a read that waited fails with TimeoutError instead.
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(stream_log.read(run_id, 3, None), WAKE_GUARD)
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(stream_log.read(run_id, 3, READ_TIMEOUT), WAKE_GUARD)
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(stream_log.read(run_id, 3, 0), WAKE_GUARD)
+
+
+async def test_a_reader_waiting_at_the_end_gets_end_of_stream_on_seal(
+    stream_log: StreamLog, run_id: str
+) -> None:
+    await stream_log.append(run_id, [delta(1), Event(2, EventType.RUN_COMPLETED, {})])
+    reader = await blocked_reader(stream_log, run_id, after=2)
+    await stream_log.seal(run_id)
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(reader, WAKE_GUARD)
 
 
 async def test_a_sealed_run_is_still_readable_from_any_cursor(
@@ -293,3 +312,134 @@ async def test_only_sealed_runs_expire(stream_log_factory: StreamLogFactory) -> 
     with pytest.raises(NotFound):
         await log.read(sealed, 0, 0)
     assert seqs(await log.read(running, 0, 0)) == [1]
+
+
+# Per-run bounds: the oldest events of a run are dropped, never the last one
+
+
+def sized(seq: int, size: int) -> Event:
+    return Event(seq, EventType.MESSAGE_DELTA, {"index": 0, "content": "x" * size})
+
+
+async def first_kept_seq(log: StreamLog, run: str, last: int) -> int:
+    """The lowest ``seq`` still readable: every cursor before it raises EventsLost."""
+    for after in range(last):
+        try:
+            events = await log.read(run, after, 0)
+        except EventsLost:
+            continue
+        assert seqs(events) == list(range(after + 1, last + 1))
+        return after + 1
+    return last
+
+
+@pytest.mark.parametrize("batch", [1, 8], ids=["one-by-one", "one-batch"])
+async def test_past_the_event_bound_the_oldest_events_are_lost(
+    stream_log_factory: StreamLogFactory, batch: int
+) -> None:
+    log = stream_log_factory(max_events_per_run=5)
+    run = "run_bounded_" + uuid.uuid4().hex
+    await log.create(run)
+    events = deltas(1, 8)
+    for start in range(0, len(events), batch):
+        await log.append(run, events[start : start + batch])
+    for after in (0, 1, 2):
+        with pytest.raises(EventsLost) as info:
+            await log.read(run, after, 0)
+        assert info.value.instance_code() == "events_lost"
+        assert info.value.instance_status() == 410
+    assert seqs(await log.read(run, 3, 0)) == [4, 5, 6, 7, 8]
+    assert list(await log.read(run, 3, 0)) == events[3:]
+    assert seqs(await log.read(run, 6, 0)) == [7, 8]
+
+
+async def test_a_cursor_before_the_window_is_lost_even_with_a_timeout(
+    stream_log_factory: StreamLogFactory,
+) -> None:
+    log = stream_log_factory(max_events_per_run=5)
+    run = "run_bounded_" + uuid.uuid4().hex
+    await log.create(run)
+    await log.append(run, deltas(1, 8))
+    with pytest.raises(EventsLost):
+        await asyncio.wait_for(log.read(run, 0, READ_TIMEOUT), WAKE_GUARD)
+    with pytest.raises(EventsLost):
+        await asyncio.wait_for(log.read(run, 0, None), WAKE_GUARD)
+
+
+async def test_reading_within_the_window_after_trimming_still_works(
+    stream_log_factory: StreamLogFactory,
+) -> None:
+    log = stream_log_factory(max_events_per_run=5)
+    run = "run_bounded_" + uuid.uuid4().hex
+    await log.create(run)
+    await log.append(run, deltas(1, 8))
+    assert list(await log.read(run, 8, 0)) == []  # at the end of a running run: nothing yet
+    reader = await blocked_reader(log, run, after=8)
+    await log.append(run, [delta(9)])
+    assert seqs(await asyncio.wait_for(reader, WAKE_GUARD)) == [9]
+    assert seqs(await log.read(run, 4, 0)) == [5, 6, 7, 8, 9]
+    with pytest.raises(EventsLost):
+        await log.read(run, 3, 0)
+    await log.append(run, [delta(10), Event(11, EventType.RUN_COMPLETED, {})])
+    await log.seal(run)
+    assert seqs(await log.read(run, 6, None)) == [7, 8, 9, 10, 11]
+    assert seqs(await log.read(run, 10, None)) == [11]
+    with pytest.raises(EventsLost):
+        await log.read(run, 5, None)
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(log.read(run, 11, None), WAKE_GUARD)
+
+
+async def test_a_waiting_reader_whose_events_are_trimmed_away_gets_events_lost(
+    stream_log_factory: StreamLogFactory,
+) -> None:
+    log = stream_log_factory(max_events_per_run=5)
+    run = "run_bounded_" + uuid.uuid4().hex
+    await log.create(run)
+    await log.append(run, deltas(1, 3))
+    reader = await blocked_reader(log, run, after=3)
+    await log.append(run, deltas(4, 12))  # events 4 to 7 are dropped at once
+    with pytest.raises(EventsLost):
+        await asyncio.wait_for(reader, WAKE_GUARD)
+    assert seqs(await log.read(run, 7, 0)) == [8, 9, 10, 11, 12]
+
+
+async def test_past_the_byte_bound_the_oldest_events_are_lost(
+    stream_log_factory: StreamLogFactory,
+) -> None:
+    bound, size = 1000, 300
+    log = stream_log_factory(max_bytes_per_run=bound)
+    run = "run_bounded_" + uuid.uuid4().hex
+    await log.create(run)
+    events = [sized(seq, size) for seq in range(1, 11)]
+    for event in events:
+        await log.append(run, [event])
+    with pytest.raises(EventsLost):
+        await log.read(run, 0, 0)
+    first = await first_kept_seq(log, run, 10)
+    kept = list(await log.read(run, first - 1, 0))
+    assert kept == events[first - 1 :]
+    assert kept[-1].seq == 10
+    assert 1 <= len(kept) <= bound // size  # the kept content alone fits in the bound
+
+
+async def test_the_byte_bound_never_drops_the_last_event(
+    stream_log_factory: StreamLogFactory,
+) -> None:
+    log = stream_log_factory(max_bytes_per_run=100)
+    run = "run_bounded_" + uuid.uuid4().hex
+    await log.create(run)
+    await log.append(run, [sized(1, 500)])
+    assert list(await log.read(run, 0, 0)) == [sized(1, 500)]  # alone larger than the bound
+    await log.append(run, [sized(2, 500)])
+    with pytest.raises(EventsLost):
+        await log.read(run, 0, 0)
+    assert list(await log.read(run, 1, 0)) == [sized(2, 500)]
+    await log.append(run, [sized(3, 500), sized(4, 500)])  # one batch over the bound
+    assert list(await log.read(run, 3, 0)) == [sized(4, 500)]
+    terminal = Event(5, EventType.RUN_COMPLETED, {})
+    await log.append(run, [terminal])
+    await log.seal(run)
+    assert list(await log.read(run, 4, None)) == [terminal]  # the end is always readable
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(log.read(run, 5, None), WAKE_GUARD)

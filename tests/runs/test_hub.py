@@ -1,23 +1,29 @@
-"""The Hub: numbering, terminal events, failures, cancellation and shutdown of runs."""
+"""The Hub: numbering, terminal events, failures, cancellation, readers and shutdown of runs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 
-from tokenrelay.backends.memory import MemoryStreamLog
+from tokenrelay.backends.memory import MemoryRunRegistry, MemoryStreamLog
 from tokenrelay.errors import (
+    EndOfStream,
+    EventsLost,
     InternalError,
+    NotFound,
     ServiceUnavailable,
     UpstreamDisconnected,
     UpstreamTimeout,
 )
 from tokenrelay.events import TERMINAL_TYPES, Event, EventDraft, EventType
-from tokenrelay.runs.hub import Hub, Subscription
+from tokenrelay.runs.hub import Hub
+from tokenrelay.runs.subscription import Subscription
 
 # Only keeps a broken Hub from hanging the suite; never a timing claim.
 HANG_GUARD = 5.0
@@ -31,8 +37,15 @@ async def log() -> AsyncIterator[MemoryStreamLog]:
 
 
 @pytest.fixture
-async def hub(log: MemoryStreamLog) -> AsyncIterator[Hub]:
-    the_hub = Hub(log)
+async def registry() -> AsyncIterator[MemoryRunRegistry]:
+    run_registry = MemoryRunRegistry()
+    yield run_registry
+    run_registry.close()
+
+
+@pytest.fixture
+async def hub(log: MemoryStreamLog, registry: MemoryRunRegistry) -> AsyncIterator[Hub]:
+    the_hub = Hub(log, registry)
     yield the_hub
     await the_hub.close()
 
@@ -185,9 +198,9 @@ async def test_nothing_is_appended_after_the_terminal_event(hub: Hub) -> None:
     subscription = await hub.start(Source(TEXT_RUN).generator)
     events = await collect(subscription)
     await finished(hub, subscription)
-    # The run is sealed: a read at the end returns at once, empty, even without a timeout.
-    rest = await asyncio.wait_for(subscription.next_batch(None), HANG_GUARD)
-    assert list(rest) == []
+    # The run is sealed: a read at the end ends the stream at once, even without a timeout.
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(subscription.next_batch(None), HANG_GUARD)
     assert subscription.cursor == events[-1].seq
 
 
@@ -276,7 +289,7 @@ async def test_a_plain_exception_fails_the_run_without_leaking_its_text(hub: Hub
 
 async def test_closing_the_only_subscription_cancels_the_source(hub: Hub) -> None:
     source, subscription = await blocked_run(hub, [started(), token("a")])
-    subscription.close()
+    await subscription.close()
     events = await finished(hub, subscription)
     assert source.cancelled
     assert source.finalized == 1
@@ -290,8 +303,9 @@ async def test_closing_the_only_subscription_cancels_the_source(hub: Hub) -> Non
 
 async def test_a_second_subscriber_keeps_the_run_alive(hub: Hub) -> None:
     source, first = await blocked_run(hub, [started()])
-    second = Subscription(hub, first.run, after=0)
-    first.close()
+    second = await hub.subscribe(first.run_id, 0)
+    assert second.run is first.run
+    await first.close()
     await asyncio.sleep(0.05)
     assert not first.run.finished
     assert not source.cancelled
@@ -299,37 +313,45 @@ async def test_a_second_subscriber_keeps_the_run_alive(hub: Hub) -> None:
     source.release.set()
     events = await collect(second)
     assert terminal_of(events).type is EventType.RUN_COMPLETED
-    second.close()  # after the end: nothing to cancel
+    await second.close()  # after the end: nothing to cancel
     assert await finished(hub, second) == events
 
 
 async def test_the_last_subscriber_leaving_cancels_the_run(hub: Hub) -> None:
     source, first = await blocked_run(hub, [started()])
-    second = Subscription(hub, first.run, after=1)
-    first.close()
+    second = await hub.subscribe(first.run_id, 1)
+    await first.close()
     await asyncio.sleep(0.02)
     assert not first.run.finished
-    second.close()
+    await second.close()
     events = await finished(hub, first)
     assert terminal_of(events).data == {"reason": "client_disconnected"}
     assert source.finalized == 1
 
 
-async def test_closing_a_subscription_twice_counts_once(hub: Hub) -> None:
+async def test_closing_a_subscription_twice_counts_once(
+    hub: Hub, registry: MemoryRunRegistry
+) -> None:
     source, first = await blocked_run(hub, [started()])
-    second = Subscription(hub, first.run, after=0)
-    first.close()
-    first.close()
+    second = await hub.subscribe(first.run_id, 0)
+    await first.close()
+    await first.close()
     await asyncio.sleep(0.02)
     assert not first.run.finished
     assert first.run.subscribers == 1
+    assert await registry.add_subscriber(first.run_id, 0) == 1
     source.release.set()
     assert terminal_of(await collect(second)).type is EventType.RUN_COMPLETED
 
 
 async def test_hub_cancel_cancels_the_run(hub: Hub) -> None:
     source, subscription = await blocked_run(hub, [started(), token("a")])
-    assert await hub.cancel(subscription.run.id) is True
+    info = await hub.cancel(subscription.run.id)
+    assert info.id == subscription.run_id
+    assert info.status == "cancelled"
+    assert info.error_code == "cancelled"
+    assert info.finished_at is not None
+    assert await hub.info(subscription.run_id) == info
     events = await collect(subscription)
     terminal = terminal_of(events)
     assert terminal.type is EventType.RUN_CANCELLED
@@ -340,12 +362,21 @@ async def test_hub_cancel_cancels_the_run(hub: Hub) -> None:
     assert source.finalized == 1
 
 
-async def test_hub_cancel_of_a_finished_or_unknown_run_returns_false(hub: Hub) -> None:
+async def test_hub_cancel_of_a_finished_run_returns_its_record_unchanged(hub: Hub) -> None:
     subscription = await hub.start(Source([started()]).generator)
-    await collect(subscription)
+    events = await collect(subscription)
     await finished(hub, subscription)
-    assert await hub.cancel(subscription.run.id) is False
-    assert await hub.cancel("run_does_not_exist") is False
+    record = await hub.info(subscription.run_id)
+    assert record.status == "completed"
+    assert await hub.cancel(subscription.run_id) == record
+    assert await hub.info(subscription.run_id) == record
+    assert list(await hub.log.read(subscription.run_id, 0, 0)) == events
+
+
+async def test_hub_cancel_of_an_unknown_run_is_not_found(hub: Hub) -> None:
+    with pytest.raises(NotFound) as info:
+        await hub.cancel("run_does_not_exist")
+    assert info.value.instance_status() == 404
 
 
 async def test_a_source_that_awaits_in_its_cleanup_still_ends_cancelled(hub: Hub) -> None:
@@ -496,7 +527,7 @@ async def _end_crashed(hub: Hub, source: Source, subscription: Subscription) -> 
 
 
 async def _end_client_gone(hub: Hub, source: Source, subscription: Subscription) -> None:
-    subscription.close()
+    await subscription.close()
 
 
 async def _end_cancelled(hub: Hub, source: Source, subscription: Subscription) -> None:
@@ -542,7 +573,7 @@ async def test_the_source_generator_is_closed_in_every_case(
 
 
 async def _cancel_by_client(hub: Hub, subscription: Subscription) -> None:
-    subscription.close()
+    await subscription.close()
 
 
 async def _cancel_by_hub(hub: Hub, subscription: Subscription) -> None:
@@ -572,4 +603,392 @@ async def test_a_run_cancelled_right_after_start_still_ends_with_run_cancelled(
     assert [(event.seq, event.type, event.data) for event in events] == [
         (1, EventType.RUN_CANCELLED, {"reason": reason})
     ]
+    assert hub.active_runs == 0
+
+
+# Run records
+
+
+async def test_a_running_run_has_a_running_record(hub: Hub) -> None:
+    before = time.time()
+    source, subscription = await blocked_run(hub)
+    info = await hub.info(subscription.run_id)
+    assert info.id == subscription.run_id == subscription.run.id
+    assert info.status == "running"
+    assert before <= info.created_at <= time.time()
+    assert info.detached is False
+    assert info.finished_at is None
+    assert info.error_code is None
+    assert subscription.run.info == info
+    source.release.set()
+    await finished(hub, subscription)
+
+
+@pytest.mark.parametrize(
+    ("end", "status", "error_code"),
+    [
+        pytest.param(_end_completed, "completed", None, id="completed"),
+        pytest.param(_end_failed, "failed", "upstream_disconnected", id="failed"),
+        pytest.param(_end_crashed, "failed", "internal_error", id="crashed"),
+        pytest.param(_end_client_gone, "cancelled", "client_disconnected", id="client-gone"),
+        pytest.param(_end_cancelled, "cancelled", "cancelled", id="cancelled"),
+        pytest.param(_end_shutdown, "cancelled", "shutting_down", id="shutdown"),
+    ],
+)
+async def test_a_finished_run_has_its_final_record(
+    hub: Hub, end: Any, status: str, error_code: str | None
+) -> None:
+    source, subscription = await blocked_run(hub, [started()])
+    created = (await hub.info(subscription.run_id)).created_at
+    await end(hub, source, subscription)
+    await finished(hub, subscription)
+    info = await hub.info(subscription.run_id)
+    assert info.id == subscription.run_id
+    assert info.status == status
+    assert info.error_code == error_code
+    assert info.created_at == created
+    assert info.finished_at is not None
+    assert created <= info.finished_at <= time.time()
+    assert info.detached is False
+    assert subscription.run.info == info
+
+
+async def test_info_of_an_unknown_run_is_not_found(hub: Hub) -> None:
+    with pytest.raises(NotFound):
+        await hub.info("run_does_not_exist")
+
+
+# Readers: subscribe, detached runs and the disconnect grace
+
+
+class QueueSource:
+    """A source the test feeds draft by draft; ``None`` ends it."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[EventDraft | None] = asyncio.Queue()
+        self.cancelled = False
+        self.generator = self._run()
+
+    async def _run(self) -> AsyncIterator[EventDraft]:
+        try:
+            while (draft := await self.queue.get()) is not None:
+                yield draft
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+    def feed(self, *drafts: EventDraft | None) -> None:
+        for draft in drafts:
+            self.queue.put_nowait(draft)
+
+
+async def test_subscribe_to_an_unknown_run_is_not_found(hub: Hub) -> None:
+    with pytest.raises(NotFound) as info:
+        await hub.subscribe("run_does_not_exist", 0)
+    assert info.value.instance_status() == 404
+
+
+async def test_a_subscriber_reads_from_its_cursor(hub: Hub) -> None:
+    source, first = await blocked_run(hub, [started(), token("a"), token("b")])
+    later = await hub.subscribe(first.run_id, 2)
+    assert later.run_id == first.run_id
+    assert later.cursor == 2
+    source.release.set()
+    events = await collect(later)
+    assert [event.seq for event in events] == [3, 4]
+    assert events[0].data == {"index": 0, "content": "b"}
+    assert terminal_of(events).type is EventType.RUN_COMPLETED
+    await later.close()
+
+
+async def test_a_subscriber_behind_the_kept_window_gets_events_lost(
+    registry: MemoryRunRegistry,
+) -> None:
+    log = MemoryStreamLog(max_events_per_run=3)
+    hub = Hub(log, registry)
+    try:
+        source, first = await blocked_run(hub, [started(), *(token(str(n)) for n in range(5))])
+        late = await hub.subscribe(first.run_id, 1)
+        with pytest.raises(EventsLost):
+            await late.next_batch(HANG_GUARD)
+        assert late.cursor == 1
+        await late.close()
+        caught_up = await hub.subscribe(first.run_id, 3)
+        source.release.set()
+        events = await collect(caught_up)
+        assert [event.seq for event in events] == [4, 5, 6, 7]
+        assert terminal_of(events).type is EventType.RUN_COMPLETED
+        await caught_up.close()
+    finally:
+        await hub.close()
+        log.close()
+
+
+async def test_two_subscribers_read_identical_sequences(hub: Hub) -> None:
+    source, first = await blocked_run(hub, TEXT_RUN[:2])
+    second = await hub.subscribe(first.run_id, 0)
+    source.release.set()
+    first_events, second_events = await asyncio.gather(collect(first), collect(second))
+    assert first_events == second_events
+    assert [event.seq for event in first_events] == [1, 2, 3]
+    assert [event.type for event in first_events] == [
+        EventType.RUN_STARTED,
+        EventType.MESSAGE_DELTA,
+        EventType.RUN_COMPLETED,
+    ]
+    await first.close()
+    await second.close()
+
+
+async def test_two_subscribers_of_a_streaming_run_read_identical_sequences(hub: Hub) -> None:
+    source = QueueSource()
+    first = await hub.start(source.generator)
+    second = await hub.subscribe(first.run_id, 0)
+    source.feed(started(), token("a"))
+    await asyncio.sleep(0.01)
+    source.feed(token("b"), token("c"))
+    await asyncio.sleep(0.01)
+    source.feed(None)
+    first_events, second_events = await asyncio.gather(collect(first), collect(second))
+    assert first_events == second_events
+    assert [event.seq for event in first_events] == [1, 2, 3, 4, 5]
+    assert [event.data.get("content") for event in first_events[1:4]] == ["a", "b", "c"]
+    assert terminal_of(first_events).type is EventType.RUN_COMPLETED
+
+
+async def test_closing_the_only_subscription_of_a_detached_run_does_not_cancel_it(
+    hub: Hub,
+) -> None:
+    source = Source([started(), token("a")], block=True)
+    subscription = await hub.start(source.generator, detached=True)
+    await asyncio.wait_for(source.blocked.wait(), HANG_GUARD)
+    assert (await hub.info(subscription.run_id)).detached is True
+    await subscription.close()
+    await asyncio.sleep(0.05)
+    assert not subscription.run.finished
+    assert not source.cancelled
+    assert (await hub.info(subscription.run_id)).status == "running"
+    source.release.set()
+    await finished(hub, subscription)
+    assert not source.cancelled
+    info = await hub.info(subscription.run_id)
+    assert info.status == "completed"
+    assert info.detached is True
+    assert info.error_code is None
+
+    later = await hub.subscribe(subscription.run_id, 0)
+    assert later.run is None  # the run ended: nobody drives it any more
+    events = await collect(later)
+    assert [(event.seq, event.type) for event in events] == [
+        (1, EventType.RUN_STARTED),
+        (2, EventType.MESSAGE_DELTA),
+        (3, EventType.RUN_COMPLETED),
+    ]
+    assert events[1].data == {"index": 0, "content": "a"}
+    with pytest.raises(EndOfStream):
+        await asyncio.wait_for(later.next_batch(HANG_GUARD), HANG_GUARD)
+    await later.close()
+
+
+async def test_a_reader_back_within_the_disconnect_grace_loses_nothing(hub: Hub) -> None:
+    source = QueueSource()
+    first = await hub.start(source.generator, disconnect_grace=0.3)
+    source.feed(started(), token("a"))
+    got = list(await first.next_batch(HANG_GUARD))
+    while got[-1].seq < 2:
+        got.extend(await first.next_batch(HANG_GUARD))
+    assert [event.seq for event in got] == [1, 2]
+    cursor = first.cursor
+    await first.close()
+
+    source.feed(token("b"), token("c"))  # produced while nobody reads
+    await asyncio.sleep(0.1)
+    assert not first.run.finished
+    assert not source.cancelled
+    second = await hub.subscribe(first.run_id, cursor)
+    assert second.run is first.run
+
+    await asyncio.sleep(0.35)  # past the grace of the first disconnection
+    assert not first.run.finished
+    assert not source.cancelled
+    source.feed(token("d"), None)
+    rest = await collect(second)
+    assert [event.seq for event in rest] == [3, 4, 5, 6]
+    assert [event.data.get("content") for event in rest[:3]] == ["b", "c", "d"]
+    assert terminal_of(rest).type is EventType.RUN_COMPLETED
+    assert (await hub.info(first.run_id)).status == "completed"
+    await second.close()
+
+
+async def test_a_run_without_readers_is_cancelled_after_the_disconnect_grace(hub: Hub) -> None:
+    source = QueueSource()
+    subscription = await hub.start(source.generator, disconnect_grace=0.3)
+    source.feed(started())
+    assert [event.seq for event in await subscription.next_batch(HANG_GUARD)] == [1]
+    loop = asyncio.get_running_loop()
+    left = loop.time()
+    await subscription.close()
+    await asyncio.sleep(0.1)
+    assert not subscription.run.finished  # within the grace the run goes on
+    task = subscription.run.task
+    await asyncio.wait((task,), timeout=HANG_GUARD)
+    assert task.done(), "the run was not cancelled after the grace"
+    assert loop.time() - left >= 0.3
+    events = list(await hub.log.read(subscription.run_id, 0, 0))
+    assert [event.seq for event in events] == [1, 2]
+    assert terminal_of(events).type is EventType.RUN_CANCELLED
+    assert events[-1].data == {"reason": "client_disconnected"}
+    assert source.cancelled
+    info = await hub.info(subscription.run_id)
+    assert info.status == "cancelled"
+    assert info.error_code == "client_disconnected"
+    assert hub.active_runs == 0
+
+
+async def test_a_run_that_ends_within_the_grace_completes(hub: Hub) -> None:
+    source = QueueSource()
+    subscription = await hub.start(source.generator, disconnect_grace=0.3)
+    source.feed(started())
+    await subscription.next_batch(HANG_GUARD)
+    await subscription.close()
+    source.feed(token("a"), None)
+    events = await finished(hub, subscription)
+    assert [event.seq for event in events] == [1, 2, 3]
+    assert terminal_of(events).type is EventType.RUN_COMPLETED
+    await asyncio.sleep(0.35)  # the grace period passes: the finished run stays completed
+    assert (await hub.info(subscription.run_id)).status == "completed"
+    assert list(await hub.log.read(subscription.run_id, 0, 0)) == events
+
+
+# Several instances sharing one registry and one log
+
+
+async def test_a_reader_on_another_instance_keeps_a_run_in_its_grace_alive(
+    hub: Hub, log: MemoryStreamLog, registry: MemoryRunRegistry
+) -> None:
+    other = Hub(log, registry)
+    source = QueueSource()
+    local = await hub.start(source.generator, disconnect_grace=0.2)
+    remote = await other.subscribe(local.run_id, 0)
+    assert remote.run is None  # driven by the first instance
+    assert await registry.add_subscriber(local.run_id, 0) == 2
+    await local.close()
+    await asyncio.sleep(0.5)  # two grace periods with a reader elsewhere
+    assert not local.run.finished
+    source.feed(started(), token("a"))
+    events = list(await remote.next_batch(HANG_GUARD))
+    while events[-1].seq < 2:
+        events.extend(await remote.next_batch(HANG_GUARD))
+    await remote.close()
+    task = local.run.task
+    await asyncio.wait((task,), timeout=HANG_GUARD)
+    assert task.done(), "the run was not cancelled once every reader had left"
+    events = list(await hub.log.read(local.run_id, 0, 0))
+    assert [event.seq for event in events] == [1, 2, 3]
+    assert events[-1].data == {"reason": "client_disconnected"}
+    await other.close()
+
+
+async def test_hub_cancel_of_a_run_driven_elsewhere_asks_its_instance(
+    hub: Hub, log: MemoryStreamLog, registry: MemoryRunRegistry
+) -> None:
+    other = Hub(log, registry)
+    listener = asyncio.create_task(hub.listen_for_cancels())
+    try:
+        source, subscription = await blocked_run(hub, [started()])
+        info = await other.cancel(subscription.run_id)
+        assert info.id == subscription.run_id
+        assert info.status == "running"  # the driving instance has not acted yet
+        events = await collect(subscription)
+        assert terminal_of(events).data == {"reason": "cancelled"}
+        assert source.cancelled
+        assert (await other.info(subscription.run_id)).status == "cancelled"
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await other.close()
+
+
+async def test_listen_for_cancels_cancels_the_local_run(
+    hub: Hub, registry: MemoryRunRegistry
+) -> None:
+    listener = asyncio.create_task(hub.listen_for_cancels())
+    try:
+        source, subscription = await blocked_run(hub, [started(), token("a")])
+        await registry.request_cancel("run_driven_elsewhere")  # not ours: ignored
+        await registry.request_cancel(subscription.run_id)
+        events = await collect(subscription)
+        assert [event.seq for event in events] == [1, 2, 3]
+        assert terminal_of(events).type is EventType.RUN_CANCELLED
+        assert events[-1].data == {"reason": "cancelled"}
+        await finished(hub, subscription)
+        assert source.cancelled
+        info = await hub.info(subscription.run_id)
+        assert info.status == "cancelled"
+        assert info.error_code == "cancelled"
+        assert not listener.done()  # it keeps listening
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+
+
+# A second stop while the source is being closed
+
+
+class SlowClosingSource:
+    """A class-based source whose ``aclose`` takes a while, like closing an upstream response."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.closing = asyncio.Event()
+        self.sent = False
+
+    def __aiter__(self) -> SlowClosingSource:
+        return self
+
+    async def __anext__(self) -> EventDraft:
+        if not self.sent:
+            self.sent = True
+            return started()
+        await self.release.wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await asyncio.sleep(0.05)
+
+
+async def _second_stop_by_cancel(hub: Hub, run_id: str) -> None:
+    await hub.cancel(run_id)
+
+
+async def _second_stop_by_shutdown(hub: Hub, run_id: str) -> None:
+    await hub.close()
+
+
+@pytest.mark.parametrize(
+    "second_stop",
+    [
+        pytest.param(_second_stop_by_cancel, id="hub-cancel"),
+        pytest.param(_second_stop_by_shutdown, id="hub-close"),
+    ],
+)
+async def test_a_second_stop_while_the_source_closes_still_ends_the_run(
+    hub: Hub, second_stop: Any
+) -> None:
+    source = SlowClosingSource()
+    subscription = await hub.start(source)
+    assert [event.seq for event in await subscription.next_batch(HANG_GUARD)] == [1]
+    first_cancel = asyncio.create_task(hub.cancel(subscription.run_id))
+    await asyncio.wait_for(source.closing.wait(), HANG_GUARD)
+    await asyncio.wait_for(second_stop(hub, subscription.run_id), HANG_GUARD)
+    await asyncio.wait_for(first_cancel, HANG_GUARD)
+    await asyncio.wait((subscription.run.task,), timeout=HANG_GUARD)
+    events = list(await hub.log.read(subscription.run_id, 0, 0))
+    assert [event.seq for event in events] == [1, 2]
+    assert terminal_of(events).type is EventType.RUN_CANCELLED
+    assert events[-1].data == {"reason": "cancelled"}
+    assert (await hub.info(subscription.run_id)).status == "cancelled"
     assert hub.active_runs == 0

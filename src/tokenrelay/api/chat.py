@@ -44,7 +44,10 @@ async def create_chat_completion(
     check_limits(completion, services.settings.limits)
     # Forward what the client sent, not a re-serialisation: unknown fields pass untouched.
     body = orjson.loads(await request.body())
-    subscription = await services.hub.start(services.source.stream(body))
+    subscription = await services.hub.start(
+        services.source.stream(body),
+        disconnect_grace=services.settings.runs.openai_disconnect_grace,
+    )
     renderer = OpenAIChunkRenderer(completion.include_usage) if completion.stream else None
     return RunResponse(
         subscription,

@@ -5,17 +5,20 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
 
-from tokenrelay.errors import NotAcceptable
+from tokenrelay.errors import NotAcceptable, ValidationFailed
 from tokenrelay.events import EVENT_SCHEMA_VERSION
+from tokenrelay.runs.subscription import Subscription
+from tokenrelay.services import Services
 from tokenrelay.transports import StreamRenderer
 from tokenrelay.transports.ndjson import NDJSONRenderer
 from tokenrelay.transports.sse import NativeSSERenderer
 
 from .deps import JSONBody, ServicesDep
 from .problems import PROBLEM_RESPONSES, problem_doc
-from .schemas import ChatCompletionRequest, check_limits
+from .schemas import RunRequest, check_limits
 from .streaming import RunResponse
 
 router = APIRouter(tags=["runs"])
@@ -66,7 +69,7 @@ def choose_renderer(accept: str | None) -> StreamRenderer:
     responses=_RESPONSES,
 )
 async def create_run(
-    completion: ChatCompletionRequest,
+    completion: RunRequest,
     request: Request,
     services: ServicesDep,
     accept: Annotated[str | None, Header()] = None,
@@ -74,11 +77,86 @@ async def create_run(
     renderer = choose_renderer(accept)
     check_limits(completion, services.settings.limits)
     body = orjson.loads(await request.body())
-    subscription = await services.hub.start(services.source.stream(body))
+    body.pop("detach", None)  # ours, not the upstream's
+    subscription = await services.hub.start(
+        services.source.stream(body),
+        detached=completion.detach,
+        disconnect_grace=services.settings.runs.disconnect_grace,
+    )
+    return _event_stream(subscription, renderer, services, resumed=False)
+
+
+@router.get(
+    "/runs/{run_id}",
+    summary="A run's status",
+    responses={404: problem_doc("No such run, or it has expired")},
+)
+async def get_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
+    return (await services.hub.info(run_id)).to_dict()
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    summary="Stream a run's events from a position (resume)",
+    response_model=None,
+    response_class=RunResponse,
+    status_code=200,
+    responses={
+        200: _RESPONSES[200],
+        404: problem_doc("No such run, or it has expired"),
+        406: _RESPONSES[406],
+        410: problem_doc("The events after the cursor are no longer kept"),
+        422: problem_doc("The cursor is not a whole number"),
+    },
+)
+async def stream_run_events(
+    run_id: str,
+    services: ServicesDep,
+    after: Annotated[
+        int | None, Query(ge=0, description="Stream the events after this seq.")
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(description="What a reconnecting EventSource sends; wins over `after`."),
+    ] = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> RunResponse:
+    renderer = choose_renderer(accept)
+    cursor = _cursor(last_event_id) if last_event_id is not None else after or 0
+    subscription = await services.hub.subscribe(run_id, cursor)
+    return _event_stream(subscription, renderer, services, resumed=True)
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    summary="Cancel a run",
+    responses={
+        202: {"description": "Another instance drives the run and was asked to cancel it"},
+        404: problem_doc("No such run, or it has expired"),
+    },
+)
+async def cancel_run(run_id: str, services: ServicesDep) -> JSONResponse:
+    info = await services.hub.cancel(run_id)
+    return JSONResponse(info.to_dict(), status_code=202 if info.status == "running" else 200)
+
+
+def _cursor(last_event_id: str) -> int:
+    if not last_event_id.isdigit():
+        raise ValidationFailed(
+            "Last-Event-ID must be the seq of an event",
+            [{"field": "Last-Event-ID", "message": "not a whole number", "type": "int_parsing"}],
+        )
+    return int(last_event_id)
+
+
+def _event_stream(
+    subscription: Subscription, renderer: StreamRenderer, services: Services, *, resumed: bool
+) -> RunResponse:
     return RunResponse(
         subscription,
         renderer,
         heartbeat_interval=services.settings.server.heartbeat_interval,
         send_timeout=services.settings.server.send_timeout,
         headers={"TokenRelay-Event-Version": EVENT_SCHEMA_VERSION},
+        resumed=resumed,
     )

@@ -74,6 +74,16 @@ class ChatCompletionRequest(_Open):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class RunRequest(ChatCompletionRequest):
+    """A chat completion request started as a run (``POST /v1/runs``)."""
+
+    detach: bool = Field(
+        False,
+        description="Keep generating to the end when every reader has left; "
+        "the events stay readable from /v1/runs/{id}/events. Not sent upstream.",
+    )
+
+
 def check_limits(request: ChatCompletionRequest, limits: LimitSettings) -> None:
     """The configurable limits, checked after the schema.
 

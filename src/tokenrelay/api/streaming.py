@@ -21,9 +21,9 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from tokenrelay.errors import InternalError, ServiceUnavailable, TokenRelayError
+from tokenrelay.errors import EndOfStream, InternalError, ServiceUnavailable, TokenRelayError
 from tokenrelay.events import Event, EventType
-from tokenrelay.runs.hub import Subscription
+from tokenrelay.runs.subscription import Subscription
 from tokenrelay.transports import StreamRenderer
 from tokenrelay.transports.openai import aggregate_completion
 
@@ -59,20 +59,25 @@ class RunResponse(Response):
         heartbeat_interval: float,
         send_timeout: float,
         headers: dict[str, str] | None = None,
+        resumed: bool = False,
     ) -> None:
         self.background = None
+        # A new run that fails before its first event is an HTTP error; a resumed one is not:
+        # its reader asked for the events, failure included.
+        self._resumed = resumed
         self.status_code = 200
         self._subscription = subscription
         self._renderer = renderer
         self._heartbeat_interval = heartbeat_interval
         self._send_timeout = send_timeout
-        self._extra_headers = {"X-Run-Id": subscription.run.id, **(headers or {})}
+        self._extra_headers = {"X-Run-Id": subscription.run_id, **(headers or {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stats: dict[str, Any] = scope.setdefault("state", {})
         self._started_at = self._stats.get("started_at", time.perf_counter())
         self._loop = asyncio.get_running_loop()
         self._sending_since: float | None = None
+        self._last_write = self._loop.time()
         self._send_timed_out = False
         serve = asyncio.ensure_future(self._serve(send))
         watch = asyncio.ensure_future(_wait_for_disconnect(receive))
@@ -85,13 +90,13 @@ class RunResponse(Response):
             serve.cancel()
             watch.cancel()
             await asyncio.gather(serve, watch, return_exceptions=True)
-            self._subscription.close()
+            await self._subscription.close()
         failure = None if serve.cancelled() else serve.exception()
         if self._send_timed_out:
-            logger.warning("client_send_timeout", run_id=self._subscription.run.id)
+            logger.warning("client_send_timeout", run_id=self._subscription.run_id)
         if not served or isinstance(failure, _ClientGone):
             self._stats["client_disconnected"] = True
-            logger.info("client_disconnected", run_id=self._subscription.run.id)
+            logger.info("client_disconnected", run_id=self._subscription.run_id)
         elif failure is not None:
             raise failure
 
@@ -107,8 +112,14 @@ class RunResponse(Response):
         self._guard = self._loop.call_at(next_check, self._check_send, serve)
 
     async def _serve(self, send: Send) -> None:
-        first = await self._subscription.next_batch(None)
-        if first[0].is_terminal:
+        try:
+            first = await self._subscription.next_batch(None)
+        except EndOfStream:
+            first = ()  # resumed after the run's end: a complete, empty stream
+        except TokenRelayError as exc:  # the run expired, or the cursor is before its window
+            await self._send_problem(send, exc)
+            return
+        if not self._resumed and first[0].is_terminal:
             await self._send_problem(send, self._failure_of(first[0]))
             return
         if self._renderer is None:
@@ -123,25 +134,36 @@ class RunResponse(Response):
         await self._send(
             {"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send
         )
-        while True:
-            if "ttft_ms" not in self._stats:
-                self._note_first_token(batch)
-            body = renderer.render(batch)
-            if body:
-                await self._send(
-                    {"type": "http.response.body", "body": body, "more_body": True}, send
-                )
-            if batch[-1].is_terminal:
-                break
-            batch = await self._subscription.next_batch(self._heartbeat_interval)
-            while not batch:  # the run is quiet: keep idle proxies from closing the stream
-                heartbeat = {
-                    "type": "http.response.body",
-                    "body": renderer.heartbeat,
-                    "more_body": True,
-                }
-                await self._send(heartbeat, send)
+        try:
+            while batch:
+                if "ttft_ms" not in self._stats:
+                    self._note_first_token(batch)
+                body = renderer.render(batch)
+                if not body and self._loop.time() - self._last_write >= self._heartbeat_interval:
+                    body = renderer.heartbeat  # events this format omits are no keep-alive
+                if body:
+                    await self._send(
+                        {"type": "http.response.body", "body": body, "more_body": True}, send
+                    )
+                if batch[-1].is_terminal:
+                    if batch[-1].type is EventType.RUN_FAILED:
+                        self._stats["error_code"] = batch[-1].data["code"]
+                    break
                 batch = await self._subscription.next_batch(self._heartbeat_interval)
+                while not batch:  # the run is quiet: keep idle proxies from closing the stream
+                    heartbeat = {
+                        "type": "http.response.body",
+                        "body": renderer.heartbeat,
+                        "more_body": True,
+                    }
+                    await self._send(heartbeat, send)
+                    batch = await self._subscription.next_batch(self._heartbeat_interval)
+        except EndOfStream:
+            pass
+        except TokenRelayError as exc:  # this reader fell behind the kept window
+            self._stats["error_code"] = exc.instance_code()
+            body = renderer.render_error(exc)
+            await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
         await self._send({"type": "http.response.body", "body": b"", "more_body": False}, send)
 
     async def _serve_whole(self, send: Send, batch: Sequence[Event]) -> None:
@@ -164,7 +186,9 @@ class RunResponse(Response):
             return ServiceUnavailable(
                 f"the run was cancelled ({terminal.data['reason']})", code="cancelled"
             )
-        return self._subscription.run.failure or InternalError(terminal.data.get("message", ""))
+        run = self._subscription.run
+        failure = run.failure if run is not None else None
+        return failure or InternalError(terminal.data.get("message", ""))
 
     async def _send_problem(self, send: Send, error: TokenRelayError) -> None:
         body = orjson.dumps(problem_body(error, self._stats.get("request_id")))
@@ -185,7 +209,7 @@ class RunResponse(Response):
             await send(message)
         except OSError as exc:
             raise _ClientGone from exc
-        self._sending_since = None
+        self._last_write, self._sending_since = self._sending_since, None
 
     def _note_first_token(self, batch: Sequence[Event]) -> None:
         if any(event.type in _TOKEN_TYPES for event in batch):

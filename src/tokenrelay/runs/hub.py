@@ -5,24 +5,34 @@ task, appends every event to the StreamLog and ends every run with exactly one t
 ``run.completed`` when the source is exhausted, ``run.failed`` when it raises, ``run.cancelled``
 when it is cancelled. Sources never produce terminal events themselves.
 
-When the last subscriber of a run leaves before the run ends, the Hub cancels the source, so an
-upstream is not paid for tokens nobody reads.
+Stopping is not the same as disconnecting. When the last reader of a run leaves, the run is
+cancelled at once (``disconnect_grace`` 0, the OpenAI endpoint), after a grace period in which a
+reconnecting reader loses nothing, or never (``detached``): an upstream is not paid for tokens
+nobody will read, and a reader that comes back can still resume.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import time
+from collections.abc import AsyncIterator
 
 import structlog
 
-from tokenrelay.errors import InternalError, ServiceUnavailable, TokenRelayError
-from tokenrelay.events import Event, EventDraft, EventType
+from tokenrelay.errors import InternalError, NotFound, ServiceUnavailable, TokenRelayError
+from tokenrelay.events import Event, EventDraft, EventType, RunInfo
 from tokenrelay.runs.log import StreamLog
+from tokenrelay.runs.registry import RunRegistry
+from tokenrelay.runs.subscription import Subscription
 
 logger = structlog.get_logger("tokenrelay.runs")
+
+_STATUS_OF = {
+    EventType.RUN_COMPLETED: "completed",
+    EventType.RUN_FAILED: "failed",
+    EventType.RUN_CANCELLED: "cancelled",
+}
 
 
 def new_run_id() -> str:
@@ -34,63 +44,46 @@ class Run:
 
     __slots__ = (
         "cancel_reason",
+        "disconnect_grace",
         "driving",
         "failure",
-        "id",
+        "grace_task",
+        "info",
         "stop_requested",
         "subscribers",
         "task",
     )
 
-    def __init__(self, run_id: str) -> None:
-        self.id = run_id
+    def __init__(self, info: RunInfo, disconnect_grace: float) -> None:
+        self.info = info
+        self.disconnect_grace = disconnect_grace
         self.task: asyncio.Task[None] | None = None
+        self.grace_task: asyncio.Task[None] | None = None
         # A task cancelled before its first step never runs a line of its coroutine, so no
         # terminal event would be written: until it runs, a stop is only requested.
         self.driving = False
-        self.stop_requested = False
-        self.subscribers = 0
+        self.stop_requested = False  # set by the first stop; the task checks it as it starts
+        self.subscribers = 0  # readers in this process
         # The error that failed the run, kept so the HTTP layer can answer with its status when
         # the run fails before its stream has started.
         self.failure: TokenRelayError | None = None
         self.cancel_reason = "cancelled"
 
     @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
     def finished(self) -> bool:
         return self.task is not None and self.task.done()
 
 
-class Subscription:
-    """One reader of one run, from a cursor. Close it when done; the Hub counts readers."""
-
-    __slots__ = ("_closed", "_hub", "_log", "cursor", "run")
-
-    def __init__(self, hub: Hub, run: Run, after: int) -> None:
-        self._hub = hub
-        self._log = hub.log
-        self.run = run
-        self.cursor = after
-        self._closed = False
-        run.subscribers += 1
-
-    async def next_batch(self, timeout: float | None) -> Sequence[Event]:
-        """The events after the cursor, waiting up to ``timeout``; empty when the wait timed out."""
-        events = await self._log.read(self.run.id, self.cursor, timeout)
-        if events:
-            self.cursor = events[-1].seq
-        return events
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._hub._release(self.run)
-
-
 class Hub:
-    """Run lifecycle and fan-out over a StreamLog."""
+    """Run lifecycle and fan-out over a StreamLog, with run records in a RunRegistry."""
 
-    def __init__(self, log: StreamLog) -> None:
+    def __init__(self, log: StreamLog, registry: RunRegistry) -> None:
         self.log = log
+        self.registry = registry
         self._runs: dict[str, Run] = {}
         self._accepting = True
 
@@ -102,24 +95,66 @@ class Hub:
     def active_runs(self) -> int:
         return len(self._runs)
 
-    async def start(self, source: AsyncIterator[EventDraft]) -> Subscription:
+    async def start(
+        self,
+        source: AsyncIterator[EventDraft],
+        *,
+        detached: bool = False,
+        disconnect_grace: float = 0.0,
+    ) -> Subscription:
         """Start a run driven by ``source`` and return its first subscription (from the start).
 
-        The caller owns the subscription: closing it without another reader cancels the run.
+        Args:
+            source: the run's events, without a terminal one.
+            detached: keep generating to the end when every reader has left.
+            disconnect_grace: seconds the run goes on with no reader before it is cancelled.
         """
         if not self._accepting:
             raise ServiceUnavailable("the gateway is shutting down", code="shutting_down")
-        run = Run(new_run_id())
+        info = RunInfo(new_run_id(), "running", created_at=time.time(), detached=detached)
+        run = Run(info, disconnect_grace)
         await self.log.create(run.id)
-        subscription = Subscription(self, run, after=0)
+        await self.registry.register(info)
         self._runs[run.id] = run
         run.task = asyncio.create_task(self._drive(run, source), name=f"run {run.id}")
-        return subscription
+        return await self._subscribe(run.id, run, after=0)
 
-    async def cancel(self, run_id: str, reason: str = "cancelled") -> bool:
-        """Cancel a run this process drives; returns whether it was still running."""
+    async def subscribe(self, run_id: str, after: int = 0) -> Subscription:
+        """A new reader of any run this instance or another drives, from the cursor ``after``.
+
+        Raises:
+            NotFound: the run does not exist or has expired.
+        """
+        if await self.registry.get(run_id) is None:
+            raise NotFound(f"run {run_id} does not exist or has expired")
+        return await self._subscribe(run_id, self._runs.get(run_id), after)
+
+    async def info(self, run_id: str) -> RunInfo:
+        """The run's record. Raises ``NotFound``."""
+        info = await self.registry.get(run_id)
+        if info is None:
+            raise NotFound(f"run {run_id} does not exist or has expired")
+        return info
+
+    async def cancel(self, run_id: str, reason: str = "cancelled") -> RunInfo:
+        """Cancel a run wherever it runs; returns its record (final if it ended here in time)."""
+        info = await self.info(run_id)
+        if info.status != "running":
+            return info
         run = self._runs.get(run_id)
-        return run is not None and _stop(run, reason)
+        if run is None:
+            await self.registry.request_cancel(run_id)  # the driving instance will act
+            return info
+        if _stop(run, reason) and run.task is not None:
+            await asyncio.wait((run.task,), timeout=5)
+        return run.info
+
+    async def listen_for_cancels(self) -> None:
+        """Cancel the local runs that other instances ask to cancel; runs until cancelled."""
+        async for run_id in self.registry.cancel_requests():
+            run = self._runs.get(run_id)
+            if run is not None:
+                _stop(run, "cancelled")
 
     async def drain(self, grace: float) -> None:
         """Stop accepting runs, give the running ones ``grace`` seconds to finish, cancel the rest.
@@ -132,17 +167,45 @@ class Hub:
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
         for run in list(self._runs.values()):
-            await self.cancel(run.id, reason="shutting_down")
+            _stop(run, "shutting_down")
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Cancel every running run at once (each ends with ``run.cancelled``)."""
         await self.drain(grace=0)
 
-    def _release(self, run: Run) -> None:
+    async def _subscribe(self, run_id: str, run: Run | None, after: int) -> Subscription:
+        if run is not None:
+            run.subscribers += 1
+            if run.grace_task is not None:
+                run.grace_task.cancel()
+                run.grace_task = None
+        await self.registry.add_subscriber(run_id, +1)
+        return Subscription(run_id, run, after, self.log, self._release)
+
+    async def _release(self, run_id: str, run: Run | None) -> None:
+        remaining = await self.registry.add_subscriber(run_id, -1)
+        if run is None:
+            return
         run.subscribers -= 1
-        if run.subscribers == 0:
+        if run.subscribers > 0 or run.finished or run.info.detached:
+            return
+        if run.disconnect_grace <= 0:
             _stop(run, "client_disconnected")
+        elif run.grace_task is None:
+            run.grace_task = asyncio.create_task(self._stop_when_abandoned(run, remaining))
+
+    async def _stop_when_abandoned(self, run: Run, remote_readers: int) -> None:
+        """After each grace period with no local reader: stop, unless readers elsewhere remain."""
+        while True:
+            await asyncio.sleep(run.disconnect_grace)
+            if run.subscribers > 0:
+                return
+            remote_readers = await self.registry.add_subscriber(run.id, 0)
+            if remote_readers == 0:
+                run.grace_task = None
+                _stop(run, "client_disconnected")
+                return
 
     async def _drive(self, run: Run, source: AsyncIterator[EventDraft]) -> None:
         log, run_id, seq = self.log, run.id, 0
@@ -168,22 +231,44 @@ class Hub:
             terminal = (EventType.RUN_FAILED, run.failure.to_failure())
         finally:
             await _close_source(source)
+            if run.grace_task is not None:
+                run.grace_task.cancel()
         await log.append(run_id, (Event(seq + 1, terminal[0], terminal[1]),))
         await log.seal(run_id)
+        run.info = _finished(run.info, terminal)
+        await self.registry.finish(run.info)
         self._runs.pop(run_id, None)
-        _log_run_end(run, terminal)
+        if run.info.status != "completed":
+            logger.info(f"run_{run.info.status}", run_id=run_id, code=run.info.error_code)
 
 
 def _stop(run: Run, reason: str) -> bool:
-    """Cancel a run's task, or ask it to stop as it starts; False if it already ended."""
+    """Cancel a run's task, or ask it to stop as it starts; False if it already ended.
+
+    Only the first stop counts: a second cancel while the run closes its source would
+    interrupt the writing of its terminal event.
+    """
     if run.task is None or run.task.done():
         return False
+    if run.stop_requested:
+        return True
+    run.stop_requested = True
     run.cancel_reason = reason
     if run.driving:
         run.task.cancel()
-    else:
-        run.stop_requested = True
     return True
+
+
+def _finished(info: RunInfo, terminal: EventDraft) -> RunInfo:
+    event_type, data = terminal
+    return RunInfo(
+        info.id,
+        _STATUS_OF[event_type],  # type: ignore[arg-type]
+        created_at=info.created_at,
+        detached=info.detached,
+        finished_at=time.time(),
+        error_code=data.get("code", data.get("reason")),
+    )
 
 
 async def _close_source(source: AsyncIterator[EventDraft]) -> None:
@@ -194,11 +279,3 @@ async def _close_source(source: AsyncIterator[EventDraft]) -> None:
             await aclose()
         except Exception:
             logger.exception("run_source_close_failed")
-
-
-def _log_run_end(run: Run, terminal: tuple[EventType, dict[str, Any]]) -> None:
-    event_type, data = terminal
-    if event_type is EventType.RUN_FAILED:
-        logger.info("run_failed", run_id=run.id, code=data["code"])
-    elif event_type is EventType.RUN_CANCELLED:
-        logger.info("run_cancelled", run_id=run.id, reason=data["reason"])

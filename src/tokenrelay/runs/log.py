@@ -12,7 +12,8 @@ class StreamLog(Protocol):
     """Append-only, numbered event storage per run, readable from a cursor.
 
     ``seq`` of the events of one run is 1, 2, 3, … with no gaps, so ``after`` is simply the last
-    ``seq`` a reader has seen (0 for the beginning).
+    ``seq`` a reader has seen (0 for the beginning). Each run keeps at most a bounded number of
+    events and bytes; past the bounds its oldest events are dropped.
     """
 
     async def create(self, run_id: str) -> None:
@@ -24,8 +25,12 @@ class StreamLog(Protocol):
     async def read(self, run_id: str, after: int, timeout: float | None) -> Sequence[Event]:
         """Events with ``seq > after``; if there are none yet, wait up to ``timeout`` seconds.
 
-        Returns an empty sequence when the wait timed out. Raises ``NotFound`` for an unknown or
-        expired run.
+        Returns an empty sequence when the wait timed out.
+
+        Raises:
+            NotFound: the run is unknown or has expired.
+            EventsLost: events after ``after`` were dropped by the per-run bounds.
+            EndOfStream: the run is sealed and everything after ``after`` has been read.
         """
 
     async def seal(self, run_id: str) -> None:

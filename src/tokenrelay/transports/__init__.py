@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from tokenrelay.errors import TokenRelayError
 from tokenrelay.events import Event
 
 
@@ -16,3 +17,6 @@ class StreamRenderer(Protocol):
 
     def render(self, events: Sequence[Event]) -> bytes:
         """The bytes for ``events``, in order; may be empty for events this format omits."""
+
+    def render_error(self, error: TokenRelayError) -> bytes:
+        """The last frame of a stream this reader cannot go on with (not a run event)."""

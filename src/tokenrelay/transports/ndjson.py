@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+
+from tokenrelay.errors import TokenRelayError
 from tokenrelay.events import Event
 
 NDJSON_HEARTBEAT = b'{"type":"heartbeat"}\n'
@@ -19,3 +22,6 @@ class NDJSONRenderer:
 
     def render(self, events: Sequence[Event]) -> bytes:
         return b"".join([encode_event(event) for event in events])
+
+    def render_error(self, error: TokenRelayError) -> bytes:
+        return b'{"type":"error","data":%s}\n' % orjson.dumps(error.to_failure())

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from tokenrelay.errors import TokenRelayError
 from tokenrelay.events import Event, EventType
 from tokenrelay.transports.sse import SSE_HEARTBEAT
 
@@ -40,6 +41,9 @@ class OpenAIChunkRenderer:
 
     def render(self, events: Sequence[Event]) -> bytes:
         return b"".join([self._render_one(event) for event in events])
+
+    def render_error(self, error: TokenRelayError) -> bytes:
+        return _error_frame(error.instance_code(), error.message, error.retryable)
 
     def _render_one(self, event: Event) -> bytes:
         kind, data = event.type, event.data

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import orjson
+
+from tokenrelay.errors import TokenRelayError
 from tokenrelay.events import Event
 
 # A comment line: ignored by every SSE client, enough to keep idle proxies from closing the stream.
@@ -21,3 +24,7 @@ class NativeSSERenderer:
 
     def render(self, events: Sequence[Event]) -> bytes:
         return b"".join([encode_event(event) for event in events])
+
+    def render_error(self, error: TokenRelayError) -> bytes:
+        # No id: it is about this reader's stream, not an event of the run.
+        return b"event: error\ndata: %s\n\n" % orjson.dumps(error.to_failure())
