@@ -1,18 +1,20 @@
-"""Real servers on 127.0.0.1 for the whole suite: the mock upstream and gateways, as processes.
+"""Real servers on 127.0.0.1 for the whole suite: the mock upstream, gateways and Redis.
 
-Both are started through the ``tokenrelay`` command, exactly as a user starts them. Gateways are
-cached per configuration, so tests that need short timeouts or a fast heartbeat get their own
-process without paying a start-up per test.
+The first two are started through the ``tokenrelay`` command, exactly as a user starts them.
+Gateways are cached per configuration, so tests that need short timeouts or a fast heartbeat get
+their own process without paying a start-up per test. Redis is a real ``redis-server``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,3 +147,109 @@ def gateway(gateway_factory: GatewayFactory) -> Server:
 def gateway_url(gateway: Server, mock_url: str) -> str:
     """The default gateway's URL; the mock behind it is reset for this test."""
     return gateway.url
+
+
+# Redis: a real redis-server, never a fake.
+
+
+@dataclass
+class RedisServer:
+    """A disposable ``redis-server`` on a loopback port that a test may kill and start again."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or start again, on the same port) and wait until it answers PING."""
+        log_file = (self.directory / "redis.log").open("ab")
+        with log_file:
+            self.process = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(self.directory),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited early:\n{self.log()}")
+            if _redis_answers(self.port):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"redis-server did not answer:\n{self.log()}")
+
+    def kill(self) -> None:
+        """Kill it at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        path = self.directory / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis_server(directory: Path) -> RedisServer:
+    """Start a disposable redis-server on a free port; skip the test if there is none to run."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/setup installs it)")
+    server = RedisServer(free_port(), directory)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis for the whole suite: ``REDIS_URL`` when set, else a redis-server of its own.
+
+    Tests share it: each uses its own key prefix (``redis_prefix``).
+    """
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own."""
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to kill and restart; stopped at the end."""
+    server = start_redis_server(tmp_path)
+    yield server
+    server.stop()

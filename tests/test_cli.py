@@ -63,7 +63,17 @@ def test_check_config_prints_effective_settings(tmp_path: Path) -> None:
     assert settings["upstreams"] == [
         {"url": "http://model.internal:8000/v1", "api_key": "**********"}
     ]
-    assert set(settings) == {"server", "upstreams", "timeouts", "retries", "limits", "runs", "mock"}
+    assert set(settings) == {
+        "server",
+        "upstreams",
+        "timeouts",
+        "retries",
+        "limits",
+        "runs",
+        "store",
+        "websocket",
+        "mock",
+    }
     assert SECRET not in result.stdout
     assert SECRET not in result.stderr
 

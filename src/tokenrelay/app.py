@@ -23,10 +23,15 @@ from tokenrelay.api.problems import (
     handle_validation_error,
 )
 from tokenrelay.backends.memory import MemoryRunRegistry, MemoryStreamLog
+from tokenrelay.backends.redis_log import RedisStreamLog
+from tokenrelay.backends.redis_registry import RedisRunRegistry
+from tokenrelay.backends.redis_store import RedisStore
 from tokenrelay.config import Settings, UpstreamTarget
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.mockserver import MockDefaults, start_mock_server
 from tokenrelay.runs.hub import Hub
+from tokenrelay.runs.log import StreamLog
+from tokenrelay.runs.registry import RunRegistry
 from tokenrelay.services import Services
 from tokenrelay.sources import Source
 from tokenrelay.sources.agent import Agent, AgentSource
@@ -69,7 +74,7 @@ def create_app(
                 session = await stack.enter_async_context(_client_session())
                 source = OpenAIUpstream(session, target, settings.timeouts, settings.retries)
                 origin = {"upstream": target.url, "mock": not settings.upstreams}
-            hub = Hub(*_memory_stores(settings, stack))
+            hub = Hub(*_stores(settings, stack))
             stack.push_async_callback(hub.close)
             cancels = asyncio.create_task(hub.listen_for_cancels())
             stack.callback(cancels.cancel)
@@ -96,6 +101,39 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _stores(settings: Settings, stack: AsyncExitStack) -> tuple[StreamLog, RunRegistry]:
+    """The run store ``store.backend`` names: this process's memory, or Redis."""
+    if settings.store.backend == "redis":
+        logger.info("store_selected", backend="redis", key_prefix=settings.store.key_prefix)
+        return _redis_stores(settings, stack)
+    logger.info("store_selected", backend="memory")
+    return _memory_stores(settings, stack)
+
+
+def _redis_stores(
+    settings: Settings, stack: AsyncExitStack
+) -> tuple[RedisStreamLog, RedisRunRegistry]:
+    runs, store_settings = settings.runs, settings.store
+    assert store_settings.redis_url is not None  # the settings validate it
+    store = RedisStore(
+        store_settings.redis_url.get_secret_value(),
+        key_prefix=store_settings.key_prefix,
+        socket_timeout=store_settings.socket_timeout,
+    )
+    stream_log = RedisStreamLog(
+        store,
+        retention=runs.retention,
+        max_events_per_run=runs.max_events_per_run,
+        max_bytes_per_run=runs.max_bytes_per_run,
+        flush_interval=store_settings.flush_interval_ms / 1000,
+    )
+    registry = RedisRunRegistry(store, retention=runs.retention)
+    stack.push_async_callback(store.close)  # the last of the three to close
+    stack.push_async_callback(stream_log.close)
+    stack.push_async_callback(registry.close)
+    return stream_log, registry
 
 
 def _memory_stores(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -44,6 +44,21 @@ class ServerSettings(_Section):
         ge=0,
         description="On shutdown, seconds open runs may take to finish before they are cancelled.",
     )
+    http2: bool = Field(
+        False,
+        description="Also serve HTTP/2 with prior knowledge (h2c) on the cleartext port, "
+        "served by granian instead of uvicorn.",
+    )
+    tls_certfile: Path | None = Field(
+        None, description="PEM certificate (chain): serve TLS, with h2 and http/1.1 by ALPN."
+    )
+    tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile are set together")
+        return self
 
 
 class UpstreamTarget(_Section):
@@ -112,6 +127,77 @@ class RunSettings(_Section):
     )
 
 
+class WebSocketSettings(_Section):
+    """Limits of one ``/v1/ws`` connection (see docs/websocket.md)."""
+
+    max_message_bytes: int = Field(
+        1_048_576, gt=0, description="A larger client message closes the connection with 1009."
+    )
+    idle_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds with no client message and no run streaming before a close (1001).",
+    )
+    max_runs_per_connection: int = Field(
+        16, ge=1, description="Runs one connection may stream at once; more get too_many_runs."
+    )
+    send_queue_size: int = Field(
+        1000, ge=1, description="Frames waiting to be sent per connection, at most."
+    )
+    send_queue_overflow: Literal["close"] = Field(
+        "close",
+        description="When the queue stays full for send_timeout: close with 1013, release runs.",
+    )
+    send_timeout: float = Field(
+        30.0, gt=0, description="Seconds a frame may wait for the client before it is dropped."
+    )
+
+
+class StoreSettings(_Section):
+    """Where runs live: in this process (``memory``) or in Redis, shared by every instance."""
+
+    backend: Literal["memory", "redis"] = Field(
+        "memory", description="memory: one process, no services; redis: several instances."
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[:password@]host:port/db (rediss:// for TLS); for redis."
+    )
+    key_prefix: str = Field(
+        "tokenrelay:", description="Prefix of every Redis key and channel of this gateway."
+    )
+    socket_timeout: float = Field(
+        2.0, gt=0, description="Seconds a Redis command may take before the store is unavailable."
+    )
+    flush_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Extra milliseconds appends wait to share a Redis round trip; 0: none.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        # A brace would become the Redis Cluster hash tag of every key: one slot for all runs.
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or }")
+        return value
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StoreSettings:
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError("store.redis_url is required when store.backend is redis")
+        return self
+
+
 class MockSettings(_Section):
     """The built-in mock model served when no upstream is configured."""
 
@@ -135,6 +221,8 @@ class Settings(BaseSettings):
     retries: RetrySettings = RetrySettings()
     limits: LimitSettings = LimitSettings()
     runs: RunSettings = RunSettings()
+    store: StoreSettings = StoreSettings()
+    websocket: WebSocketSettings = WebSocketSettings()
     mock: MockSettings = MockSettings()
 
     @classmethod

@@ -27,12 +27,14 @@ TokenRelayError
 │   └── UpstreamStreamError      502 upstream_stream_error     an error chunk mid-stream
 ├── AgentError                   500 agent_error               the Python agent raised or misbehaved
 ├── ServiceUnavailable           503 shutting_down | overloaded
+│   └── StoreUnavailable         503 store_unavailable         the run store (Redis) is unreachable
 └── InternalError                500 internal_error            a bug; details only in the log
 ```
 
-Foreign exceptions (aiohttp, JSON decoders, pydantic) are translated into these at the boundary
-where they occur, with ``raise ... from exc``. They become HTTP responses in ``api/problems.py`` and
-terminal ``run.failed`` events in ``runs/hub.py``, nowhere else.
+Foreign exceptions (aiohttp, redis, JSON decoders, pydantic) are translated into these at the
+boundary where they occur, with ``raise ... from exc``. They become HTTP responses in
+``api/problems.py`` and terminal ``run.failed`` events in ``runs/hub.py``, nowhere else (a reader
+whose store fails mid-stream gets its ``run.failed`` from ``api/streaming.py``).
 """
 
 from __future__ import annotations
@@ -221,6 +223,16 @@ class ServiceUnavailable(TokenRelayError):
 
     def instance_code(self) -> str:
         return self._code
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The run store cannot be reached: no run can start or go on until it is back."""
+
+    code = "store_unavailable"
+    title = "Run store unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, code="store_unavailable", retry_after=retry_after)
 
 
 class InternalError(TokenRelayError):

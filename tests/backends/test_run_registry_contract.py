@@ -2,7 +2,9 @@
 implementation.
 
 Add an implementation by adding its name to ``BACKENDS`` and a branch to ``make_run_registry``,
-which builds a registry of that backend with the ``retention`` a test asks for.
+which builds a registry of that backend with the ``retention`` a test asks for. The Redis backend
+runs against a real redis-server (the ``redis_url`` fixture), each registry under a key prefix of
+its own.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any
 import pytest
 
 from tokenrelay.backends.memory import MemoryRunRegistry
+from tokenrelay.backends.redis_registry import RedisRunRegistry
+from tokenrelay.backends.redis_store import RedisStore
 from tokenrelay.events import RunInfo
 from tokenrelay.runs.registry import RunRegistry
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 # Only keeps a registry that never delivers from holding the test; never a timing claim.
 GUARD = 2.0
@@ -30,10 +34,14 @@ SETTLE = 0.05
 RunRegistryFactory = Callable[..., RunRegistry]
 
 
-def make_run_registry(backend: str, **options: Any) -> RunRegistry:
+def make_run_registry(backend: str, redis_url: str | None = None, **options: Any) -> RunRegistry:
     """A new, empty registry of ``backend``; ``options`` are the keyword arguments of the tests."""
     if backend == "memory":
         return MemoryRunRegistry(**options)
+    if backend == "redis":
+        assert redis_url is not None
+        store = RedisStore(redis_url, key_prefix=f"test:{uuid.uuid4().hex[:12]}:")
+        return RedisRunRegistry(store, **options)
     raise AssertionError(f"unknown RunRegistry backend {backend!r}")
 
 
@@ -43,14 +51,25 @@ async def close_run_registry(registry: RunRegistry) -> None:
         result = close()
         if inspect.isawaitable(result):
             await result
+    if isinstance(registry, RedisRunRegistry):
+        await registry.store.close()
+
+
+def backend_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """What ``make_run_registry`` needs besides the options: the Redis of the suite."""
+    if request.param == "redis":
+        return {"redis_url": request.getfixturevalue("redis_url")}
+    return {}
 
 
 @pytest.fixture(params=BACKENDS)
 async def registry_factory(request: pytest.FixtureRequest) -> AsyncIterator[RunRegistryFactory]:
     created: list[RunRegistry] = []
 
+    backend = backend_options(request)
+
     def factory(**options: Any) -> RunRegistry:
-        registry = make_run_registry(request.param, **options)
+        registry = make_run_registry(request.param, **backend, **options)
         created.append(registry)
         return registry
 
@@ -61,7 +80,7 @@ async def registry_factory(request: pytest.FixtureRequest) -> AsyncIterator[RunR
 
 @pytest.fixture(params=BACKENDS)
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[RunRegistry]:
-    run_registry = make_run_registry(request.param)
+    run_registry = make_run_registry(request.param, **backend_options(request))
     yield run_registry
     await close_run_registry(run_registry)
 

@@ -2,7 +2,8 @@
 
 Add an implementation by adding its name to ``BACKENDS`` and a branch to ``make_stream_log``,
 which builds a log of that backend with the bounds a test asks for (``retention``,
-``max_events_per_run``, ``max_bytes_per_run``).
+``max_events_per_run``, ``max_bytes_per_run``). The Redis backend runs against a real
+redis-server (the ``redis_url`` fixture), each log under a key prefix of its own.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 import pytest
 
 from tokenrelay.backends.memory import MemoryStreamLog
+from tokenrelay.backends.redis_log import RedisStreamLog
+from tokenrelay.backends.redis_store import RedisStore
 from tokenrelay.errors import EndOfStream, EventsLost, NotFound
 from tokenrelay.events import Event, EventType
 from tokenrelay.runs.log import StreamLog
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
 
 # A woken reader must return well before its own read timeout (READ_TIMEOUT). WAKE_GUARD only
 # stops a reader that was never woken from holding the test for the whole read timeout.
@@ -30,10 +33,14 @@ WAKE_GUARD = 2.0
 StreamLogFactory = Callable[..., StreamLog]
 
 
-def make_stream_log(backend: str, **bounds: Any) -> StreamLog:
+def make_stream_log(backend: str, redis_url: str | None = None, **bounds: Any) -> StreamLog:
     """A new, empty log of ``backend``; ``bounds`` are the keyword arguments of the tests."""
     if backend == "memory":
         return MemoryStreamLog(**bounds)
+    if backend == "redis":
+        assert redis_url is not None
+        store = RedisStore(redis_url, key_prefix=f"test:{uuid.uuid4().hex[:12]}:")
+        return RedisStreamLog(store, **bounds)
     raise AssertionError(f"unknown StreamLog backend {backend!r}")
 
 
@@ -43,14 +50,25 @@ async def close_stream_log(log: StreamLog) -> None:
         result = close()
         if inspect.isawaitable(result):
             await result
+    if isinstance(log, RedisStreamLog):
+        await log.store.close()
+
+
+def backend_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """What ``make_stream_log`` needs besides the bounds: the Redis of the suite."""
+    if request.param == "redis":
+        return {"redis_url": request.getfixturevalue("redis_url")}
+    return {}
 
 
 @pytest.fixture(params=BACKENDS)
 async def stream_log_factory(request: pytest.FixtureRequest) -> AsyncIterator[StreamLogFactory]:
     created: list[StreamLog] = []
 
+    options = backend_options(request)
+
     def factory(**bounds: Any) -> StreamLog:
-        log = make_stream_log(request.param, **bounds)
+        log = make_stream_log(request.param, **options, **bounds)
         created.append(log)
         return log
 
@@ -61,7 +79,7 @@ async def stream_log_factory(request: pytest.FixtureRequest) -> AsyncIterator[St
 
 @pytest.fixture(params=BACKENDS)
 async def stream_log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
-    log = make_stream_log(request.param)
+    log = make_stream_log(request.param, **backend_options(request))
     yield log
     await close_stream_log(log)
 

@@ -21,7 +21,13 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from tokenrelay.errors import EndOfStream, InternalError, ServiceUnavailable, TokenRelayError
+from tokenrelay.errors import (
+    EndOfStream,
+    InternalError,
+    ServiceUnavailable,
+    StoreUnavailable,
+    TokenRelayError,
+)
 from tokenrelay.events import Event, EventType
 from tokenrelay.runs.subscription import Subscription
 from tokenrelay.transports import StreamRenderer
@@ -90,7 +96,10 @@ class RunResponse(Response):
             serve.cancel()
             watch.cancel()
             await asyncio.gather(serve, watch, return_exceptions=True)
-            await self._subscription.close()
+            try:
+                await self._subscription.close()
+            except StoreUnavailable:  # the store's outage is logged once by the store
+                logger.info("reader_not_released", run_id=self._subscription.run_id)
         failure = None if serve.cancelled() else serve.exception()
         if self._send_timed_out:
             logger.warning("client_send_timeout", run_id=self._subscription.run_id)
@@ -160,6 +169,13 @@ class RunResponse(Response):
                     batch = await self._subscription.next_batch(self._heartbeat_interval)
         except EndOfStream:
             pass
+        except StoreUnavailable as exc:
+            # The run's events cannot be read any more, and whether it goes on is unknown: end
+            # the stream as a failed run, so every client sees a terminal event, not a hang.
+            self._stats["error_code"] = exc.instance_code()
+            failed = Event(self._subscription.cursor + 1, EventType.RUN_FAILED, exc.to_failure())
+            body = renderer.render((failed,))
+            await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
         except TokenRelayError as exc:  # this reader fell behind the kept window
             self._stats["error_code"] = exc.instance_code()
             body = renderer.render_error(exc)

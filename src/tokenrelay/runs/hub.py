@@ -117,7 +117,12 @@ class Hub:
         await self.registry.register(info)
         self._runs[run.id] = run
         run.task = asyncio.create_task(self._drive(run, source), name=f"run {run.id}")
-        return await self._subscribe(run.id, run, after=0)
+        try:
+            return await self._subscribe(run.id, run, after=0)
+        except BaseException:
+            run.subscribers -= 1  # nobody will read it: do not let it generate for no one
+            _stop(run, "client_disconnected")
+            raise
 
     async def subscribe(self, run_id: str, after: int = 0) -> Subscription:
         """A new reader of any run this instance or another drives, from the cursor ``after``.
@@ -184,25 +189,31 @@ class Hub:
         return Subscription(run_id, run, after, self.log, self._release)
 
     async def _release(self, run_id: str, run: Run | None) -> None:
-        remaining = await self.registry.add_subscriber(run_id, -1)
-        if run is None:
-            return
-        run.subscribers -= 1
-        if run.subscribers > 0 or run.finished or run.info.detached:
+        if run is not None:
+            run.subscribers -= 1
+        await self._readers_elsewhere(run_id, -1)
+        if run is None or run.subscribers > 0 or run.finished or run.info.detached:
             return
         if run.disconnect_grace <= 0:
             _stop(run, "client_disconnected")
         elif run.grace_task is None:
-            run.grace_task = asyncio.create_task(self._stop_when_abandoned(run, remaining))
+            run.grace_task = asyncio.create_task(self._stop_when_abandoned(run))
 
-    async def _stop_when_abandoned(self, run: Run, remote_readers: int) -> None:
+    async def _readers_elsewhere(self, run_id: str, delta: int) -> int:
+        """Update and read the cross-instance reader count; 0 if the store cannot say."""
+        try:
+            return await self.registry.add_subscriber(run_id, delta)
+        except TokenRelayError as exc:
+            logger.warning("run_readers_unknown", run_id=run_id, code=exc.instance_code())
+            return 0
+
+    async def _stop_when_abandoned(self, run: Run) -> None:
         """After each grace period with no local reader: stop, unless readers elsewhere remain."""
         while True:
             await asyncio.sleep(run.disconnect_grace)
             if run.subscribers > 0:
                 return
-            remote_readers = await self.registry.add_subscriber(run.id, 0)
-            if remote_readers == 0:
+            if await self._readers_elsewhere(run.id, 0) == 0:
                 run.grace_task = None
                 _stop(run, "client_disconnected")
                 return
@@ -233,11 +244,15 @@ class Hub:
             await _close_source(source)
             if run.grace_task is not None:
                 run.grace_task.cancel()
-        await log.append(run_id, (Event(seq + 1, terminal[0], terminal[1]),))
-        await log.seal(run_id)
         run.info = _finished(run.info, terminal)
-        await self.registry.finish(run.info)
-        self._runs.pop(run_id, None)
+        try:
+            await log.append(run_id, (Event(seq + 1, terminal[0], terminal[1]),))
+            await log.seal(run_id)
+            await self.registry.finish(run.info)
+        except TokenRelayError as exc:  # the store is down: readers get their own failure
+            logger.warning("run_end_not_stored", run_id=run_id, code=exc.instance_code())
+        finally:
+            self._runs.pop(run_id, None)
         if run.info.status != "completed":
             logger.info(f"run_{run.info.status}", run_id=run_id, code=run.info.error_code)
 
