@@ -6,14 +6,11 @@ import asyncio
 import importlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
-import uvicorn
 from pydantic import ValidationError
 
 from tokenrelay import __version__
@@ -52,18 +49,49 @@ def serve(
         str | None,
         typer.Option(help="Serve a Python agent instead of an upstream: module:function."),
     ] = None,
+    http2: Annotated[
+        bool | None,
+        typer.Option(
+            "--http2/--no-http2",
+            help="Also serve HTTP/2 (h2c, prior knowledge) on the cleartext port [default: no].",
+            show_default=False,
+        ),
+    ] = None,
+    tls_certfile: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM certificate: serve TLS, HTTP/2 and HTTP/1.1 by ALPN.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    tls_keyfile: Annotated[
+        Path | None,
+        typer.Option(help="PEM private key of --tls-certfile.", exists=True, dir_okay=False),
+    ] = None,
 ) -> None:
     """Run the gateway. With no upstream it serves the built-in mock model."""
     from tokenrelay.app import create_app
+    from tokenrelay.server import base_url, run_server, uses_http2
     from tokenrelay.telemetry.logging import configure_logging
 
-    flags: dict[str, Any] = {"server": _given(host=host, port=port, log_level=log_level)}
+    server_flags = _given(
+        host=host,
+        port=port,
+        log_level=log_level,
+        http2=http2,
+        tls_certfile=tls_certfile,
+        tls_keyfile=tls_keyfile,
+    )
+    flags: dict[str, Any] = {"server": server_flags}
     if upstream is not None:
         flags["upstreams"] = [_given(url=upstream, api_key=upstream_api_key)]
     settings = _load_or_exit(config, flags)
     configure_logging(settings.server.log_level, settings.server.log_format)
     agent_function = _import_agent(agent) if agent is not None else None
-    where = f"http://{settings.server.host}:{settings.server.port}"
+    where = base_url(settings.server)
+    if uses_http2(settings.server):
+        where += " with HTTP/2"
     if agent is not None:
         serving = f"serving the agent {agent}"
     elif settings.upstreams:
@@ -75,36 +103,11 @@ def serve(
     app = create_app(
         settings, shutdown, agent=agent_function, agent_name=(agent or "").rpartition(":")[2]
     )
-    server_config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        # Runs are cancelled (with a terminal event) at drain_grace; this only backs that up.
-        timeout_graceful_shutdown=int(settings.server.drain_grace) + 5,
-    )
-    _DrainingServer(server_config, shutdown).run()
-
-
-class _DrainingServer(uvicorn.Server):
-    """Hands SIGTERM/SIGINT to the app as its shutdown input, then lets uvicorn stop as usual."""
-
-    def __init__(self, config: uvicorn.Config, shutdown: asyncio.Event) -> None:
-        super().__init__(config)
-        self._shutdown = shutdown
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._shutdown.set)
-        super().handle_exit(sig, frame)
+    try:
+        run_server(app, settings.server, shutdown)
+    except OSError as exc:  # a TLS file that cannot be loaded, an address granian cannot bind
+        typer.echo(f"cannot serve on {base_url(settings.server)}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @cli.command("mock-upstream")

@@ -116,13 +116,14 @@ class Connection:
         started = time.perf_counter()
         reader = asyncio.create_task(self._read(), name="websocket reader")
         writer = asyncio.create_task(self._write(), name="websocket writer")
+        drained = asyncio.create_task(self._close_when_drained(), name="websocket drain")
         self._guard = self._loop.call_later(self._send_timeout, self._check_send)
         try:
             await asyncio.wait((reader, writer, self._closing), return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._guard.cancel()
             pumps = list(self._pumps)
-            tasks = [reader, writer, *(pump.task for pump in pumps)]
+            tasks = [reader, writer, drained, *(pump.task for pump in pumps)]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -145,6 +146,15 @@ class Connection:
             runs=self._runs_served,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+    async def _close_when_drained(self) -> None:
+        """On shutdown, once the drain has ended this client's runs and their last frames are
+        out, close with 1012 so the client knows to reconnect elsewhere."""
+        await self._services.hub.drained.wait()
+        while self._pumps or not self._queue.empty():  # noqa: ASYNC110 (once, at shutdown)
+            await asyncio.sleep(0.05)  # a slow client is cut by the send timeout guard
+        await asyncio.sleep(0.05)  # the last frame's write has been handed to the server
+        self._close(CloseCode.SERVICE_RESTART, "the gateway is restarting")
 
     def _close(self, code: CloseCode | None, reason: str = "") -> None:
         if not self._closing.done():

@@ -86,6 +86,7 @@ class Hub:
         self.registry = registry
         self._runs: dict[str, Run] = {}
         self._accepting = True
+        self.drained = asyncio.Event()  # set once a drain has ended every run
 
     @property
     def accepting(self) -> bool:
@@ -174,6 +175,7 @@ class Hub:
         for run in list(self._runs.values()):
             _stop(run, "shutting_down")
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.drained.set()
 
     async def close(self) -> None:
         """Cancel every running run at once (each ends with ``run.cancelled``)."""

@@ -30,6 +30,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # reserved for authentication and origin policies
     MESSAGE_TOO_BIG = 1009  # a client message over websocket.max_message_bytes
     INTERNAL_ERROR = 1011  # a bug; details only in the log
+    SERVICE_RESTART = 1012  # the gateway drained on shutdown: its runs have ended, reconnect
     TRY_AGAIN_LATER = 1013  # a slow client: its send queue stayed full, or a send timed out
 
 
