@@ -66,6 +66,28 @@ class _SSEFrames:
         self._tail = blocks.pop()
         return blocks
 
+    def feed(self, data: bytes) -> int:
+        """Tokens in ``data``: the common text frame by a byte search, the rest decoded."""
+        if self.finished:
+            return 0
+        tokens = 0
+        for block in self._blocks(data):
+            if self._is_text_token(block):
+                tokens += 1
+                continue
+            tokens += self._slow_frame(block)
+            if self.finished:
+                return tokens
+        self._check_tail()
+        return tokens
+
+    def _is_text_token(self, block: bytes) -> bool:
+        at = block.find(_CONTENT_KEY)
+        return at >= 0 and not block.startswith(_QUOTE, at + _CONTENT_VALUE_AT)
+
+    def _slow_frame(self, block: bytes) -> int:
+        raise NotImplementedError
+
     def _check_tail(self) -> None:
         """Keep memory bounded whatever the server sends: a frame has a maximum size."""
         if len(self._tail) > _MAX_FRAME and not self.finished:
@@ -81,21 +103,6 @@ class OpenAIFrameParser(_SSEFrames):
     """``chat.completion.chunk`` frames: a token is a chunk with text; ``[DONE]`` ends well."""
 
     __slots__ = ()
-
-    def feed(self, data: bytes) -> int:
-        if self.finished:
-            return 0
-        tokens = 0
-        for block in self._blocks(data):
-            at = block.find(_CONTENT_KEY)
-            if at >= 0 and not block.startswith(_QUOTE, at + _CONTENT_VALUE_AT):
-                tokens += 1
-                continue
-            tokens += self._slow_frame(block)
-            if self.finished:
-                return tokens
-        self._check_tail()
-        return tokens
 
     def _slow_frame(self, block: bytes) -> int:
         payload = _data_of(block)
@@ -131,21 +138,8 @@ class NativeFrameParser(_SSEFrames):
 
     __slots__ = ()
 
-    def feed(self, data: bytes) -> int:
-        if self.finished:
-            return 0
-        tokens = 0
-        for block in self._blocks(data):
-            if _NATIVE_DELTA in block:
-                at = block.find(_CONTENT_KEY)
-                if at >= 0 and not block.startswith(_QUOTE, at + _CONTENT_VALUE_AT):
-                    tokens += 1
-                    continue
-            tokens += self._slow_frame(block)
-            if self.finished:
-                return tokens
-        self._check_tail()
-        return tokens
+    def _is_text_token(self, block: bytes) -> bool:
+        return _NATIVE_DELTA in block and super()._is_text_token(block)
 
     def _slow_frame(self, block: bytes) -> int:
         event = b""
