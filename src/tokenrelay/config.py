@@ -53,6 +53,22 @@ class ServerSettings(_Section):
         None, description="PEM certificate (chain): serve TLS, with h2 and http/1.1 by ALPN."
     )
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS); empty: none.",
+    )
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Request line and headers, in all; larger gets 431."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's line and headers."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client has to send a request's whole body."
+    )
+    keepalive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:
@@ -151,6 +167,14 @@ class WebSocketSettings(_Section):
     send_timeout: float = Field(
         30.0, gt=0, description="Seconds a frame may wait for the client before it is dropped."
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins that may connect besides the gateway's own; "
+        "clients without an Origin header are not browsers and are not checked.",
+    )
+    auth_timeout: float = Field(
+        10.0, gt=0, description="Seconds to send the auth message when no header carried one."
+    )
 
 
 class StoreSettings(_Section):
@@ -198,6 +222,181 @@ class StoreSettings(_Section):
         return self
 
 
+class APIKeySettings(_Section):
+    """One API key, stored only as a hash (``tokenrelay hash-key`` makes one)."""
+
+    name: str = Field(description="A label for logs; never the key itself.")
+    tenant: str = Field(min_length=1, max_length=128)
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="Hex SHA-256 of the key (keys are random, 32+ bytes).",
+    )
+    scopes: list[str] = Field(default_factory=list)
+
+
+JWTAlgorithm = Literal[
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+]
+
+
+class JWTSettings(_Section):
+    """Bearer JWTs: verified with a shared secret, PEM public keys, or a JWKS URL."""
+
+    algorithms: list[JWTAlgorithm] = Field(
+        min_length=1, description="The allow-list; a token with any other `alg` is refused."
+    )
+    secret: SecretStr | None = Field(None, description="Shared secret for the HS algorithms.")
+    public_keys: dict[str, str] = Field(
+        default_factory=dict, description='PEM public keys by `kid` ("default" when no kid).'
+    )
+    jwks_url: str | None = Field(None, description="Where to fetch a JSON Web Key Set.")
+    jwks_cache_ttl: float = Field(300.0, gt=0, description="Seconds a fetched JWKS is trusted.")
+    jwks_min_refresh_interval: float = Field(
+        30.0, ge=0, description="At most one JWKS fetch per this many seconds (unknown kids)."
+    )
+    audience: list[str] = Field(default_factory=list, description="Accepted `aud`; empty: none.")
+    issuer: str | None = Field(None, description="The required `iss`.")
+    leeway: float = Field(30.0, ge=0, description="Seconds of clock skew allowed on exp/nbf/iat.")
+    tenant_claim: str = Field("tenant", description="Claim naming the tenant (dots for nesting).")
+    scopes_claim: str = Field("scope", description="Claim with the scopes (string or list).")
+
+    @model_validator(mode="after")
+    def _some_key(self) -> JWTSettings:
+        uses_hs = any(alg.startswith("HS") for alg in self.algorithms)
+        uses_public = any(not alg.startswith("HS") for alg in self.algorithms)
+        if uses_hs and self.secret is None:
+            raise ValueError("an HS algorithm needs auth.jwt.secret")
+        if uses_public and not self.public_keys and self.jwks_url is None:
+            raise ValueError("public-key algorithms need auth.jwt.public_keys or jwks_url")
+        return self
+
+
+class AuthSettings(_Section):
+    """Who may call. With nothing configured the gateway is open (loopback only, see serve)."""
+
+    api_keys: list[APIKeySettings] = Field(default_factory=list)
+    api_keys_in_redis: bool = Field(
+        False, description="Also look keys up in Redis (store.redis_url), by their hash."
+    )
+    jwt: JWTSettings | None = None
+    required_scopes: list[str] = Field(
+        default_factory=list, description="Scopes every caller must have; empty: none."
+    )
+    insecure_no_auth: bool = Field(
+        False, description="Allow serving without auth on a non-loopback address."
+    )
+    open_tenant: str = Field("default", description="The tenant of every caller when open.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys) or self.api_keys_in_redis or self.jwt is not None
+
+
+class TenantLimits(_Section):
+    """Limits of one tenant; None is unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    concurrent_streams: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+
+class RateLimitSettings(_Section):
+    """Per-tenant throttling; counters are shared through Redis when store.backend is redis."""
+
+    default: TenantLimits = TenantLimits()
+    tenants: dict[str, TenantLimits] = Field(
+        default_factory=dict, description="Overrides by tenant name (a whole TenantLimits each)."
+    )
+    default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Completion tokens reserved when a request sets no max_tokens.",
+    )
+    stream_lease: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a concurrent-stream slot outlives a crashed instance at most.",
+    )
+
+    def for_tenant(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.default)
+
+
+class AdmissionSettings(_Section):
+    """What one process takes on before it sheds load with 503."""
+
+    max_open_streams: int = Field(
+        2000, ge=1, description="Runs this process drives at once; past it new ones get 503."
+    )
+    max_pending_starts: int = Field(
+        200, ge=1, description="Runs waiting for their upstream's first answer at once."
+    )
+    retry_after: float = Field(1.0, gt=0, description="Retry-After of a shed request, seconds.")
+
+
+CachePolicy = Literal["never", "deterministic", "always"]
+
+
+class CacheSettings(_Section):
+    """Exact-match response cache and coalescing of identical requests in flight."""
+
+    enabled: bool = True
+    policy: CachePolicy = Field(
+        "deterministic",
+        description="never; deterministic: only requests with temperature 0 and n 1; always.",
+    )
+    models: dict[str, CachePolicy] = Field(default_factory=dict, description="Policy by model.")
+    tenants: dict[str, CachePolicy] = Field(
+        default_factory=dict, description="Policy by tenant (wins over the model's)."
+    )
+    ttl: float = Field(3600.0, gt=0, description="Seconds an answer is kept.")
+    max_entries: int = Field(10_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Bytes of all entries, about.")
+    max_entry_bytes: int = Field(1_048_576, ge=1, description="Larger answers are not stored.")
+    replay: Literal["immediate", "paced"] = "immediate"
+    replay_interval_ms: float = Field(
+        10.0, ge=0, description="Pause between replayed deltas when replay is paced."
+    )
+    coalesce: bool = Field(
+        True, description="Identical cacheable requests in flight share one generation."
+    )
+
+    def policy_for(self, tenant: str, model: str) -> CachePolicy:
+        if not self.enabled:
+            return "never"
+        return self.tenants.get(tenant) or self.models.get(model) or self.policy
+
+
+class StreamSettings(_Section):
+    """Payload of streams: token coalescing and compression."""
+
+    compression: list[Literal["zstd", "br", "gzip"]] = Field(
+        default_factory=lambda: ["zstd", "br", "gzip"],
+        description="Encodings offered, in order of preference; empty: never compress.",
+    )
+    coalesce_native_ms: float = Field(
+        10.0, ge=0, description="Window merging deltas of native streams; 0: off."
+    )
+    coalesce_openai_ms: float = Field(
+        0.0, ge=0, description="The same for OpenAI chunks; off by default (one chunk a token)."
+    )
+    coalesce_max_bytes: int = Field(
+        1024, ge=1, description="A merged delta is sent once its text reaches this size."
+    )
+
+
 class MockSettings(_Section):
     """The built-in mock model served when no upstream is configured."""
 
@@ -223,6 +422,11 @@ class Settings(BaseSettings):
     runs: RunSettings = RunSettings()
     store: StoreSettings = StoreSettings()
     websocket: WebSocketSettings = WebSocketSettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    cache: CacheSettings = CacheSettings()
+    stream: StreamSettings = StreamSettings()
     mock: MockSettings = MockSettings()
 
     @classmethod

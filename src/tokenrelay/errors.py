@@ -14,7 +14,12 @@ TokenRelayError
 │   ├── UnsupportedMediaType     415 unsupported_media_type
 │   ├── NotFound                 404 not_found
 │   ├── EventsLost               410 events_lost               the cursor is before the kept window
-│   └── MethodNotAllowed         405 method_not_allowed
+│   ├── MethodNotAllowed         405 method_not_allowed
+│   ├── Unauthenticated          401 missing_credentials | invalid_credentials
+│   │                                | expired_credentials
+│   ├── Forbidden                403 forbidden | insufficient_scope | origin_not_allowed
+│   └── RateLimited              429 rate_limited              a tenant's limit (requests, tokens,
+│                                                              concurrent streams)
 ├── UpstreamError                the model server failed us (502/503/504 before a stream)
 │   ├── UpstreamUnreachable      502 upstream_unreachable      connect refused, DNS, reset
 │   ├── UpstreamHTTPError        502 upstream_error            5xx after the retries
@@ -125,6 +130,65 @@ class MethodNotAllowed(RequestError):
     code = "method_not_allowed"
     status = 405
     title = "Method not allowed"
+
+
+class Unauthenticated(RequestError):
+    """No credentials, or credentials that prove nothing; the detail never says which check failed.
+
+    Answered with 401 and a ``WWW-Authenticate`` challenge (RFC 6750).
+    """
+
+    code = "invalid_credentials"
+    status = 401
+    title = "Authentication required"
+    CODES: ClassVar[frozenset[str]] = frozenset(
+        {"missing_credentials", "invalid_credentials", "expired_credentials"}
+    )
+
+    def __init__(self, message: str, *, code: str = "invalid_credentials") -> None:
+        if code not in self.CODES:
+            raise ValueError(f"unknown authentication code {code!r}")
+        super().__init__(message)
+        self._code = code
+
+    def instance_code(self) -> str:
+        return self._code
+
+    def challenge(self) -> str:
+        """The ``WWW-Authenticate`` value: RFC 6750 adds an error only when a token was sent."""
+        if self._code == "missing_credentials":
+            return 'Bearer realm="tokenrelay"'
+        return 'Bearer realm="tokenrelay", error="invalid_token"'
+
+
+class Forbidden(RequestError):
+    """Authenticated, but not allowed to do this (a missing scope, a browser origin refused)."""
+
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+    def __init__(self, message: str, *, code: str = "forbidden") -> None:
+        super().__init__(message)
+        self._code = code
+
+    def instance_code(self) -> str:
+        return self._code
+
+
+class RateLimited(RequestError):
+    """A tenant is over one of its limits; ``headers`` say which and when to come back."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+    title = "Rate limit exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: float, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.headers = headers or {}
 
 
 class UpstreamError(TokenRelayError):

@@ -16,8 +16,10 @@ from tokenrelay.errors import (
     InvalidJSON,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     RequestError,
     TokenRelayError,
+    Unauthenticated,
     ValidationFailed,
 )
 
@@ -59,9 +61,12 @@ def problem_doc(description: str) -> dict[str, Any]:
 # OpenAPI documentation of the error answers every route can give.
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: problem_doc("Invalid JSON or a request the upstream refused"),
+    401: problem_doc("Missing or invalid credentials (see `WWW-Authenticate`)"),
+    403: problem_doc("The credentials do not allow this"),
     413: problem_doc("Request body too large"),
     415: problem_doc("The body is not sent as application/json"),
     422: problem_doc("Request failed validation; `errors` names each field"),
+    429: problem_doc("A tenant limit was reached; see `Retry-After` and `RateLimit`"),
     502: problem_doc("The upstream failed before the stream started"),
     503: problem_doc("The upstream or the gateway is overloaded or shutting down"),
     504: problem_doc("The upstream timed out before the stream started"),
@@ -91,6 +96,10 @@ def problem_headers(error: TokenRelayError) -> dict[str, str]:
     headers = {"Content-Type": PROBLEM_MEDIA_TYPE, "Cache-Control": "no-store"}
     if error.retry_after is not None:
         headers["Retry-After"] = str(math.ceil(error.retry_after))
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = error.challenge()
+    elif isinstance(error, RateLimited):
+        headers.update(error.headers)
     return headers
 
 
