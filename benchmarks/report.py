@@ -21,6 +21,14 @@ Absolute numbers on a shared 2-core machine (mock, relay and load generator shar
 are noise; the ratios within one run are the figures."""
 
 
+# The benchmarks with a script and a page of their own.
+SEE_ALSO = (
+    "Also measured, each by its own script: the response cache and coalescing in\n"
+    "[cache.md](cache.md) (`python benchmarks/cache.py`), bytes per token by encoding,\n"
+    "compression and coalescing in [payload.md](payload.md) (`python benchmarks/payload.py`)."
+)
+
+
 def _pick(measurements: Sequence[Measurement], scenario: str, target: str) -> Measurement | None:
     for m in measurements:
         if m.scenario.name == scenario and m.target == target:
@@ -97,6 +105,8 @@ def write_report(
         "",
         f"Produced by `{command}` on {today}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        SEE_ALSO,
         "",
         "## Targets",
         "",

@@ -149,6 +149,23 @@ def gateway_url(gateway: Server, mock_url: str) -> str:
     return gateway.url
 
 
+# Native streams merge text deltas that arrive close together; tests that count frames or expect
+# ids 1, 2, 3, … without gaps turn that off.
+ONE_EVENT_PER_DELTA = {"TOKENRELAY_STREAM__COALESCE_NATIVE_MS": "0"}
+
+
+@pytest.fixture(scope="session")
+def uncoalesced_gateway(gateway_factory: GatewayFactory) -> Server:
+    """The default gateway, but sending one native event per delta, never merged."""
+    return gateway_factory(**FAST_TIMEOUTS, **ONE_EVENT_PER_DELTA)
+
+
+@pytest.fixture
+def uncoalesced_url(uncoalesced_gateway: Server, mock_url: str) -> str:
+    """``uncoalesced_gateway``'s URL; the mock behind it is reset for this test."""
+    return uncoalesced_gateway.url
+
+
 # Redis: a real redis-server, never a fake.
 
 

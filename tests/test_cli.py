@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -72,6 +73,11 @@ def test_check_config_prints_effective_settings(tmp_path: Path) -> None:
         "runs",
         "store",
         "websocket",
+        "auth",
+        "rate_limits",
+        "admission",
+        "cache",
+        "stream",
         "mock",
     }
     assert SECRET not in result.stdout
@@ -186,7 +192,8 @@ def test_serve_without_upstream_uses_the_built_in_mock(
     assert events[0] == "run.started"
     assert events[-1] == "run.completed"
     assert events.count("run.completed") == 1
-    assert events.count("message.delta") == 21  # the role chunk and 20 default tokens
+    # The role chunk and 20 default tokens, some merged into one event (stream.coalesce_native_ms).
+    assert 2 <= events.count("message.delta") <= 21
     data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
     text = "".join(
         d.get("content", "") for d, e in zip(data, events, strict=True) if e == "message.delta"
@@ -238,3 +245,79 @@ def test_serve_refuses_an_agent_it_cannot_load() -> None:
     )
     assert result.returncode == 2
     assert "cannot load the agent no_such_module:agent" in result.stderr
+
+
+def test_serve_on_loopback_without_auth_runs_open_and_says_so(
+    mock_model_gateway: tuple[Server, int],
+) -> None:
+    server, _ = mock_model_gateway
+    warnings = [line for line in server.log().splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: no API keys or JWT configured: open to every client of 127.0.0.1 "
+        "(tenant 'default')"
+    ]
+
+
+def test_serve_refuses_a_public_address_without_auth() -> None:
+    result = tokenrelay_cmd("serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert "refusing to serve on 0.0.0.0 without authentication" in result.stderr
+    assert "--insecure-no-auth" in result.stderr
+
+
+def test_serve_a_public_address_open_only_when_told_to(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(
+        ["serve", "--host", "0.0.0.0", "--port", str(port), "--insecure-no-auth"],
+        "/readyz",
+        port,
+        tmp_path / "open.log",
+    )
+    try:
+        assert httpx.get(server.url + "/v1/models").status_code == 200
+    finally:
+        server.stop()
+    assert "warning: --insecure-no-auth: serving 0.0.0.0 with NO authentication" in server.log()
+
+
+def test_serve_a_public_address_with_api_keys(tmp_path: Path) -> None:
+    key = "tr_cli_test_key_0123456789abcdef"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    port = free_port()
+    server = start_server(
+        ["serve", "--host", "0.0.0.0", "--port", str(port)],
+        "/readyz",
+        port,
+        tmp_path / "keys.log",
+        {
+            "TOKENRELAY_AUTH__API_KEYS": json.dumps(
+                [{"name": "ops", "tenant": "t", "sha256": digest}]
+            )
+        },
+    )
+    try:
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 200
+    finally:
+        server.stop()
+    assert "warning:" not in server.log()
+    assert key not in server.log()
+
+
+def test_hash_key_hashes_a_key_from_stdin_and_makes_new_ones() -> None:
+    given = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "hash-key", "-"],
+        input="tr_my_key\n",
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=30,
+        check=True,
+    )
+    assert given.stdout == f"sha256: {hashlib.sha256(b'tr_my_key').hexdigest()}\n"
+    fresh = tokenrelay_cmd("hash-key")
+    key_line, hash_line = fresh.stdout.splitlines()
+    key = key_line.removeprefix("key:    ")
+    assert len(key) >= 40
+    assert hash_line == f"sha256: {hashlib.sha256(key.encode()).hexdigest()}"

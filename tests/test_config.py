@@ -244,3 +244,35 @@ def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(ValidationError):
         settings.server.port = 1  # type: ignore[misc]
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md has a row for every leaf of the Settings tree."""
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from tokenrelay.config import Settings
+
+    def leaves(model: type[BaseModel], prefix: str) -> list[str]:
+        names = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nested = next(
+                (
+                    arg
+                    for arg in (annotation, *getattr(annotation, "__args__", ()))
+                    if isinstance(arg, type) and issubclass(arg, BaseModel)
+                ),
+                None,
+            )
+            is_list = getattr(annotation, "__origin__", None) is list
+            if nested is not None and not is_list and nested.__name__ != "TenantLimits":
+                names += leaves(nested, f"{prefix}{name}.")
+            else:
+                names.append(prefix + name)
+        return names
+
+    reference = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = [name for name in leaves(Settings, "") if f"| `{name}` |" not in reference]
+    assert missing == []

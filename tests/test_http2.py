@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import http.client
 import ipaddress
 import os
+import select
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -29,6 +32,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
 
 from tests.conftest import Server, free_port, start_server
 
@@ -178,6 +184,23 @@ def tls_gateway(
                 server.stop()
                 raise RuntimeError(f"server did not become ready:\n{server.log()}") from None
         time.sleep(0.05)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def h2c_strict_gateway(
+    mock_upstream: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """``tokenrelay serve --http2`` with one-second header and body deadlines."""
+    port = free_port()
+    server = start_server(
+        ["serve", "--port", str(port), "--upstream", mock_upstream.url + "/v1", "--http2"],
+        "/readyz",
+        port,
+        tmp_path_factory.mktemp("h2c-strict") / "gateway.log",
+        {"TOKENRELAY_SERVER__HEADER_TIMEOUT": "1", "TOKENRELAY_SERVER__BODY_TIMEOUT": "1"},
+    )
     yield server
     server.stop()
 
@@ -341,3 +364,85 @@ def test_an_unreadable_certificate_stops_the_start_with_a_message(tmp_path: Path
     assert result.returncode == 2
     assert "cannot serve on https://127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Input limits as granian (hyper) enforces them; uvicorn's are in tests/api/test_input_limits.py.
+
+
+def raw_connection(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=15)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65_536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "h2c"])
+def test_headers_over_the_limit_get_431_from_granian(h2c_gateway: Server, http2: bool) -> None:
+    padding = "a" * 17_000  # server.max_header_bytes is 16 KiB
+    with httpx.Client(base_url=h2c_gateway.url, http1=not http2, http2=http2) as client:
+        refused = client.get("/healthz", headers={"X-Padding": padding})
+        assert refused.status_code == 431
+        assert refused.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    with httpx.Client(base_url=h2c_gateway.url, http1=not http2, http2=http2) as client:
+        assert client.get("/healthz", headers={"X-Padding": "a" * 8_000}).status_code == 200
+
+
+def test_headers_sent_slowly_are_cut_by_granian(h2c_strict_gateway: Server) -> None:
+    """hyper closes the connection when the head is late; it sends no 408 (see operations)."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 400
+    with raw_connection(h2c_strict_gateway) as sock:
+        started = time.monotonic()
+        for byte in head:  # 20 s at a byte every 50 ms, unless the gateway closes first
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                break
+            if select.select([sock], [], [], 0.05)[0]:
+                break
+        assert read_until_closed(sock) == b""
+        assert time.monotonic() - started >= 0.8
+    assert httpx.get(h2c_strict_gateway.url + "/healthz").status_code == 200
+
+
+def test_a_body_sent_slowly_gets_408_from_granian_too(h2c_strict_gateway: Server) -> None:
+    body = orjson.dumps({"model": "mock-model", "messages": MESSAGES, "mock": {"tokens": 2}})
+    head = (
+        b"POST /v1/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    with raw_connection(h2c_strict_gateway) as sock:
+        sock.sendall(head)
+        for byte in body:
+            sock.send(bytes([byte]))
+            if select.select([sock], [], [], 0.05)[0]:
+                break
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        problem = orjson.loads(response.read())
+        assert response.status == 408
+        assert response.getheader("content-type") == "application/problem+json"
+        assert read_until_closed(sock) == b""  # the rest of the body is not waited for
+    assert (problem["status"], problem["code"]) == (408, "request_timeout")
+    with httpx.Client(base_url=h2c_strict_gateway.url, http1=False, http2=True) as client:
+        stream_body = {"model": "mock-model", "messages": MESSAGES, "mock": {"tokens": 2}}
+        assert client.post("/v1/runs", json=stream_body).status_code == 200
+
+
+async def test_websocket_origin_is_checked_by_granian_too(
+    h2c_gateway: Server,
+) -> None:
+    url = h2c_gateway.url.replace("http://", "ws://") + "/v1/ws"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, origin=Origin("https://evil.example.net")):
+            pass
+    assert refused.value.response.status_code == 403
+    assert orjson.loads(refused.value.response.body)["code"] == "origin_not_allowed"
+    async with connect(url, origin=Origin(h2c_gateway.url)) as ws:
+        await ws.send(orjson.dumps({"type": "ping", "ref": 1}).decode())
+        assert orjson.loads(await ws.recv()) == {"type": "pong", "ref": 1}

@@ -14,7 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.test_resume import Frame, body, content, parse_frames, read_until, resume, tokens
+from tests.api.test_resume import (
+    Frame,
+    assert_consecutive,
+    assert_every_event_once,
+    body,
+    content,
+    parse_frames,
+    read_until,
+    resume,
+    tokens,
+)
 from tests.conftest import FAST_TIMEOUTS, RedisServer, Server, free_port, start_server
 
 
@@ -89,9 +99,7 @@ def test_a_run_started_on_one_instance_is_followed_from_another(
         follower = stream_in_background(pool, b.url, f"/v1/runs/{run_id}/events")
         followed = follower.result(timeout=20)
     assert followed[:3] == seen  # from the start, live, on the other instance
-    assert [f.seq for f in followed] == list(range(1, len(followed) + 1))
-    assert content(followed) == tokens(20)
-    assert followed[-1].type == "run.completed"
+    assert_every_event_once(followed, 20)
     info = httpx.get(f"{b.url}/v1/runs/{run_id}").json()
     assert info["status"] == "completed" and info["id"] == run_id
 
@@ -107,10 +115,7 @@ def test_a_reader_that_left_one_instance_resumes_on_another(
     assert response.status_code == 200
     rest = parse_frames(response.content)
     assert rest[0].seq == seen[-1].seq + 1  # exactly the remaining events
-    everything = seen + rest
-    assert [f.seq for f in everything] == list(range(1, len(everything) + 1))
-    assert content(everything) == tokens(20)
-    assert [f.type for f in everything].count("run.completed") == 1
+    assert_every_event_once(seen + rest, 20)
 
 
 def test_cancel_on_one_instance_ends_the_run_on_the_instance_driving_it(
@@ -123,7 +128,7 @@ def test_cancel_on_one_instance_ends_the_run_on_the_instance_driving_it(
         client.stream("POST", a.url + "/v1/runs", json=body({"tokens": 500, "itl_ms": 20})) as r,
     ):
         run_id = r.headers["x-run-id"]
-        pieces = r.iter_raw()
+        pieces = r.iter_bytes()  # decoded: the stream may be compressed
         for piece in pieces:
             raw += piece
             if len(parse_frames(raw[: raw.rfind(b"\n\n") + 2])) >= 3:
@@ -135,7 +140,7 @@ def test_cancel_on_one_instance_ends_the_run_on_the_instance_driving_it(
     frames = parse_frames(raw)
     assert frames[-1].type == "run.cancelled"
     assert frames[-1].data == {"reason": "cancelled"}
-    assert [f.type for f in frames].count("message.delta") < 500
+    assert content(frames).count("tok") < 500
     info = wait_for_status(b.url, run_id, "cancelled")
     assert info["error_code"] == "cancelled"
 
@@ -174,12 +179,15 @@ def test_streams_end_with_run_failed_when_redis_dies_and_runs_start_again_once_b
             killed = time.monotonic()
             streams = [driven.result(timeout=10), followed.result(timeout=10)]
             print(f"streams ended {time.monotonic() - killed:.2f} s after Redis died")
-        for frames in streams:
+        for frames, first_seq in zip(streams, (seen[-1].seq + 1, 1), strict=True):
             last = frames[-1]
             assert last.type == "run.failed"
             assert last.data["code"] == "store_unavailable"
             assert last.data["retryable"] is True
-            assert [f.seq for f in frames] == list(range(frames[0].seq, last.seq + 1))
+            # Every event up to the failure, once and in order (seq 3 is tok0).
+            assert_consecutive(frames, first_seq)
+            text, first_token = content(frames), max(first_seq - 3, 0)
+            assert text == tokens(first_token + text.count("tok"), start=first_token)
 
         refused = httpx.post(a.url + "/v1/runs", json=body({"tokens": 2}), timeout=10)
         assert refused.status_code == 503
@@ -192,9 +200,12 @@ def test_streams_end_with_run_failed_when_redis_dies_and_runs_start_again_once_b
         response = httpx.post(a.url + "/v1/runs", json=body({"tokens": 3}), timeout=10)
         assert response.status_code == 200
         frames = parse_frames(response.content)
-        assert content(frames) == tokens(3) and frames[-1].type == "run.completed"
+        assert_every_event_once(frames, 3)
         again = parse_frames(resume(b.url, response.headers["x-run-id"]).content)
-        assert again == frames  # the other instance is back too
+        # The other instance is back too. A live reader and a reader of the finished run may
+        # merge deltas differently; the events are the same.
+        assert_every_event_once(again, 3)
+        assert again[0] == frames[0] and again[-2:] == frames[-2:]
         assert "store_recovered" in a.log()
     finally:
         a.stop()

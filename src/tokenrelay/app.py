@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -12,10 +13,15 @@ import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from tokenrelay import __version__
 from tokenrelay.api import build_router
-from tokenrelay.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from tokenrelay.api.middleware import (
+    BodyLimitMiddleware,
+    LoopbackHostMiddleware,
+    RequestContextMiddleware,
+)
 from tokenrelay.api.problems import (
     handle_http_exception,
     handle_tokenrelay_error,
@@ -23,11 +29,24 @@ from tokenrelay.api.problems import (
     handle_validation_error,
 )
 from tokenrelay.backends.memory import MemoryRunRegistry, MemoryStreamLog
+from tokenrelay.backends.memory_cache import MemoryResponseCache
+from tokenrelay.backends.memory_counters import MemoryLimitCounters
+from tokenrelay.backends.redis_api_keys import RedisAPIKeyStore
+from tokenrelay.backends.redis_cache import RedisResponseCache
+from tokenrelay.backends.redis_counters import RedisLimitCounters
 from tokenrelay.backends.redis_log import RedisStreamLog
 from tokenrelay.backends.redis_registry import RedisRunRegistry
 from tokenrelay.backends.redis_store import RedisStore
-from tokenrelay.config import Settings, UpstreamTarget
+from tokenrelay.cache.answers import AnswerCache
+from tokenrelay.cache.store import ResponseCache
+from tokenrelay.config import AuthSettings, Settings, StoreSettings, UpstreamTarget
 from tokenrelay.errors import TokenRelayError
+from tokenrelay.guards.admission import AdmissionControl
+from tokenrelay.guards.auth import Authenticator
+from tokenrelay.guards.counters import LimitCounters
+from tokenrelay.guards.exposure import is_loopback
+from tokenrelay.guards.jwks import JWKSClient
+from tokenrelay.guards.ratelimit import TenantLimiter
 from tokenrelay.mockserver import MockDefaults, start_mock_server
 from tokenrelay.runs.hub import Hub
 from tokenrelay.runs.log import StreamLog
@@ -67,22 +86,39 @@ def create_app(
         async with AsyncExitStack() as stack:
             source: Source
             origin: dict[str, Any]
+            session = await stack.enter_async_context(_client_session())
+            cache_settings = settings.cache
             if agent_source is not None:
                 source, origin = agent_source, {"agent": agent_source.name}
+                # An agent is code with effects of its own: never answer it from a cache.
+                cache_settings = cache_settings.model_copy(update={"enabled": False})
             else:
                 target = await _upstream_target(settings, stack)
-                session = await stack.enter_async_context(_client_session())
                 source = OpenAIUpstream(session, target, settings.timeouts, settings.retries)
                 origin = {"upstream": target.url, "mock": not settings.upstreams}
-            hub = Hub(*_stores(settings, stack))
+            stores = _stores(settings, stack)
+            hub = Hub(stores.stream_log, stores.registry)
             stack.push_async_callback(hub.close)
+            authenticator = _authenticator(settings.auth, session, stores.redis, stack)
             cancels = asyncio.create_task(hub.listen_for_cancels())
             stack.callback(cancels.cancel)
             if shutdown is not None:
                 drainer = asyncio.create_task(_drain_on(shutdown, hub, settings.server.drain_grace))
                 stack.callback(drainer.cancel)
-            logger.info("gateway_started", **origin)
-            yield {"services": Services(settings=settings, hub=hub, source=source)}
+            logger.info("gateway_started", **origin, auth=authenticator.enabled)
+            yield {
+                "services": Services(
+                    settings=settings,
+                    hub=hub,
+                    source=source,
+                    authenticator=authenticator,
+                    limiter=TenantLimiter(settings.rate_limits, stores.counters),
+                    admission=AdmissionControl(settings.admission, hub),
+                    answers=AnswerCache(
+                        cache_settings, stores.answers, hub, upstream=next(iter(origin.values()))
+                    ),
+                )
+            }
 
     app = FastAPI(
         title="tokenrelay",
@@ -98,55 +134,132 @@ def create_app(
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(Exception, handle_unexpected)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.limits.max_body_bytes,
+        timeout=settings.server.body_timeout,
+    )
+    if settings.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "api-key",
+                "Last-Event-ID",
+                "Cache-Control",
+            ],
+            expose_headers=[
+                "X-Run-Id",
+                "X-Request-ID",
+                "X-Cache",
+                "X-Coalesced",
+                "RateLimit",
+                "RateLimit-Policy",
+                "Retry-After",
+            ],
+            max_age=600,
+        )
+    if not settings.auth.enabled and is_loopback(settings.server.host):
+        app.add_middleware(LoopbackHostMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 
 
-def _stores(settings: Settings, stack: AsyncExitStack) -> tuple[StreamLog, RunRegistry]:
-    """The run store ``store.backend`` names: this process's memory, or Redis."""
-    if settings.store.backend == "redis":
-        logger.info("store_selected", backend="redis", key_prefix=settings.store.key_prefix)
-        return _redis_stores(settings, stack)
-    logger.info("store_selected", backend="memory")
-    return _memory_stores(settings, stack)
+@dataclass(frozen=True, slots=True)
+class _Stores:
+    """Every store-backed component, on one backend."""
+
+    stream_log: StreamLog
+    registry: RunRegistry
+    counters: LimitCounters
+    answers: ResponseCache
+    redis: RedisStore | None  # also for API keys in Redis on the memory backend
 
 
-def _redis_stores(
-    settings: Settings, stack: AsyncExitStack
-) -> tuple[RedisStreamLog, RedisRunRegistry]:
-    runs, store_settings = settings.runs, settings.store
+def _stores(settings: Settings, stack: AsyncExitStack) -> _Stores:
+    """The stores ``store.backend`` names: this process's memory, or Redis.
+
+    Callbacks close them in the reverse order: every component before the Redis connection.
+    """
+    backend = settings.store.backend
+    redis = None
+    if backend == "redis" or settings.auth.api_keys_in_redis:
+        redis = _redis_store(settings.store)
+        stack.push_async_callback(redis.close)
+    logger.info("store_selected", backend=backend, key_prefix=settings.store.key_prefix)
+    if backend == "redis":
+        assert redis is not None
+        return _redis_stores(settings, redis, stack)
+    return _memory_stores(settings, redis, stack)
+
+
+def _redis_store(store_settings: StoreSettings) -> RedisStore:
     assert store_settings.redis_url is not None  # the settings validate it
-    store = RedisStore(
+    return RedisStore(
         store_settings.redis_url.get_secret_value(),
         key_prefix=store_settings.key_prefix,
         socket_timeout=store_settings.socket_timeout,
     )
+
+
+def _redis_stores(settings: Settings, redis: RedisStore, stack: AsyncExitStack) -> _Stores:
+    runs = settings.runs
     stream_log = RedisStreamLog(
-        store,
+        redis,
         retention=runs.retention,
         max_events_per_run=runs.max_events_per_run,
         max_bytes_per_run=runs.max_bytes_per_run,
-        flush_interval=store_settings.flush_interval_ms / 1000,
+        flush_interval=settings.store.flush_interval_ms / 1000,
     )
-    registry = RedisRunRegistry(store, retention=runs.retention)
-    stack.push_async_callback(store.close)  # the last of the three to close
-    stack.push_async_callback(stream_log.close)
-    stack.push_async_callback(registry.close)
-    return stream_log, registry
+    registry = RedisRunRegistry(redis, retention=runs.retention)
+    counters = RedisLimitCounters(redis)
+    answers = RedisResponseCache(redis, max_entry_bytes=settings.cache.max_entry_bytes)
+    for close in (stream_log.close, registry.close, counters.close, answers.close):
+        stack.push_async_callback(close)
+    return _Stores(stream_log, registry, counters, answers, redis)
 
 
-def _memory_stores(
-    settings: Settings, stack: AsyncExitStack
-) -> tuple[MemoryStreamLog, MemoryRunRegistry]:
-    runs = settings.runs
+def _memory_stores(settings: Settings, redis: RedisStore | None, stack: AsyncExitStack) -> _Stores:
+    runs, cache = settings.runs, settings.cache
     stream_log = MemoryStreamLog(
         runs.retention, runs.max_retained_events, runs.max_events_per_run, runs.max_bytes_per_run
     )
     registry = MemoryRunRegistry(runs.retention)
+    answers = MemoryResponseCache(
+        max_entries=cache.max_entries,
+        max_bytes=cache.max_bytes,
+        max_entry_bytes=cache.max_entry_bytes,
+    )
     stack.callback(stream_log.close)
     stack.callback(registry.close)
-    return stream_log, registry
+    stack.push_async_callback(answers.close)
+    return _Stores(stream_log, registry, MemoryLimitCounters(), answers, redis)
+
+
+def _authenticator(
+    settings: AuthSettings,
+    session: aiohttp.ClientSession,
+    redis: RedisStore | None,
+    stack: AsyncExitStack,
+) -> Authenticator:
+    jwks = None
+    if settings.jwt is not None and settings.jwt.jwks_url is not None:
+        jwks = JWKSClient(
+            settings.jwt.jwks_url,
+            session,
+            settings.jwt.jwks_cache_ttl,
+            settings.jwt.jwks_min_refresh_interval,
+        )
+        stack.push_async_callback(jwks.close)
+    api_key_store = None
+    if settings.api_keys_in_redis:
+        assert redis is not None  # the settings validate it
+        api_key_store = RedisAPIKeyStore(redis)
+        stack.push_async_callback(api_key_store.close)
+    return Authenticator(settings, api_key_store=api_key_store, jwks=jwks)
 
 
 async def _drain_on(shutdown: asyncio.Event, hub: Hub, grace: float) -> None:

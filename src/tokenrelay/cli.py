@@ -69,9 +69,17 @@ def serve(
         Path | None,
         typer.Option(help="PEM private key of --tls-certfile.", exists=True, dir_okay=False),
     ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="Serve a non-loopback address with no authentication (never in production).",
+        ),
+    ] = False,
 ) -> None:
     """Run the gateway. With no upstream it serves the built-in mock model."""
     from tokenrelay.app import create_app
+    from tokenrelay.guards.exposure import InsecureBind, open_access_notice
     from tokenrelay.server import base_url, run_server, uses_http2
     from tokenrelay.telemetry.logging import configure_logging
 
@@ -84,10 +92,17 @@ def serve(
         tls_keyfile=tls_keyfile,
     )
     flags: dict[str, Any] = {"server": server_flags}
+    if insecure_no_auth:
+        flags["auth"] = {"insecure_no_auth": True}
     if upstream is not None:
         flags["upstreams"] = [_given(url=upstream, api_key=upstream_api_key)]
     settings = _load_or_exit(config, flags)
     configure_logging(settings.server.log_level, settings.server.log_format)
+    try:
+        notice = open_access_notice(settings)
+    except InsecureBind as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     agent_function = _import_agent(agent) if agent is not None else None
     where = base_url(settings.server)
     if uses_http2(settings.server):
@@ -99,6 +114,8 @@ def serve(
     else:
         serving = "no upstream configured: serving the built-in mock model"
     typer.echo(f"tokenrelay {__version__} on {where} ({serving})", err=True)
+    if notice is not None:
+        typer.echo(f"warning: {notice}", err=True)
     shutdown = asyncio.Event()
     app = create_app(
         settings, shutdown, agent=agent_function, agent_name=(agent or "").rpartition(":")[2]
@@ -127,6 +144,27 @@ def mock_upstream(
         typer.echo(f"mock upstream on http://{host}:{bound_port}/v1", err=True)
 
     serve_mock_forever(host, port, defaults, on_ready=ready)
+
+
+@cli.command("hash-key")
+def hash_key(
+    key: Annotated[
+        str | None,
+        typer.Argument(
+            help="The API key to hash; - reads it from stdin (kept out of the shell history); "
+            "omitted: generate a new random key."
+        ),
+    ] = None,
+) -> None:
+    """Print an API key's SHA-256 for auth.api_keys (and a new key when none is given)."""
+    from tokenrelay.guards.auth import generate_api_key, hash_api_key
+
+    if key == "-":
+        key = sys.stdin.readline().strip()
+    if key is None:
+        key = generate_api_key()
+        typer.echo(f"key:    {key}")
+    typer.echo(f"sha256: {hash_api_key(key)}")
 
 
 @cli.command("check-config")

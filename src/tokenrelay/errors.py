@@ -15,6 +15,8 @@ TokenRelayError
 │   ├── NotFound                 404 not_found
 │   ├── EventsLost               410 events_lost               the cursor is before the kept window
 │   ├── MethodNotAllowed         405 method_not_allowed
+│   ├── RequestTimeout           408 request_timeout           the head or body came too slowly
+│   ├── HeadersTooLarge          431 headers_too_large
 │   ├── Unauthenticated          401 missing_credentials | invalid_credentials
 │   │                                | expired_credentials
 │   ├── Forbidden                403 forbidden | insufficient_scope | origin_not_allowed
@@ -130,6 +132,20 @@ class MethodNotAllowed(RequestError):
     code = "method_not_allowed"
     status = 405
     title = "Method not allowed"
+
+
+class RequestTimeout(RequestError):
+    code = "request_timeout"
+    status = 408
+    title = "Request not received in time"
+
+
+class HeadersTooLarge(RequestError):
+    """The request's line and headers exceed ``server.max_header_bytes``."""
+
+    code = "headers_too_large"
+    status = 431
+    title = "Request header fields too large"
 
 
 class Unauthenticated(RequestError):

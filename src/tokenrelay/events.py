@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import orjson
 
-EVENT_SCHEMA_VERSION = "1"
+# 2: native data leaves out null fields and a choice index of 0 (docs/protocol.md).
+EVENT_SCHEMA_VERSION = "2"
 
 
 class EventType(StrEnum):
@@ -82,6 +83,7 @@ class RunInfo:
     detached: bool = False
     finished_at: float | None = None
     error_code: str | None = None  # the code of run.failed, or the reason of run.cancelled
+    tenant: str = "default"  # who started it; nobody else may see it (not part of the record)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {

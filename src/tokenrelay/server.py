@@ -9,6 +9,14 @@ which answers HTTP/1.1 on the same port as well:
 
 The figures behind the split are in ``benchmarks/analysis.md``.
 
+Slow and oversized request heads are bounded by both servers (see ``uvicorn_protocol.py``
+for uvicorn; granian by hyper's own settings): a request's line and headers must arrive within
+``server.header_timeout`` and take at most ``server.max_header_bytes``; an idle keep-alive
+connection is closed after ``server.keepalive_timeout`` (granian: ``header_timeout``, it has no
+separate idle timeout; and it holds a connection that never sends a byte, waiting to tell
+HTTP/1.1 from h2c). The body's deadline, ``server.body_timeout``, is the app's
+(``api/middleware.py``), so it holds with either server.
+
 With either server the shutdown is an input: the first SIGTERM or SIGINT sets the app's
 ``shutdown`` event (readiness fails, no run starts, open runs get ``server.drain_grace`` seconds,
 then end with ``run.cancelled``); the server stops once the drain has ended what was in flight
@@ -27,14 +35,18 @@ import socket
 from types import FrameType
 from typing import Any
 
+import structlog
 import uvicorn
 import uvloop
 from granian.constants import HTTPModes, Interfaces, SSLProtocols
-from granian.http import HTTP2Settings
+from granian.http import HTTP1Settings, HTTP2Settings
 from granian.log import LogLevels
 from granian.server.embed import Server as GranianServer
 
 from tokenrelay.config import ServerSettings
+from tokenrelay.uvicorn_protocol import limited_http_protocol
+
+logger = structlog.get_logger("tokenrelay.server")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -49,6 +61,9 @@ _MAX_CONCURRENT_REQUESTS = 65_536
 # bound that: a connection whose client has not answered a PING for `server.send_timeout`
 # seconds is closed, the same deadline a stream gets for a client that stops reading.
 _HTTP2_PING_INTERVAL_MS = 5_000
+
+# hyper refuses a smaller HTTP/1.1 read buffer.
+_HYPER_MIN_BUFFER = 8192
 
 # Once nothing is in flight, time for the last frames to reach the clients before the GOAWAY.
 _LAST_FRAMES_DELAY = 0.5
@@ -107,7 +122,8 @@ def _uvicorn_config(app: Any, settings: ServerSettings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=limited_http_protocol(settings),
+        timeout_keep_alive=math.ceil(settings.keepalive_timeout),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=_stop_deadline(settings),
@@ -173,9 +189,17 @@ def _granian_server(app: Any, settings: ServerSettings) -> GranianServer:
         http=HTTPModes.auto,  # HTTP/1.1 and h2c by the connection preface; h2 by ALPN with TLS
         backlog=_BACKLOG,
         backpressure=_MAX_CONCURRENT_REQUESTS,
+        http1_settings=HTTP1Settings(
+            # hyper closes a connection whose head is late, also an idle keep-alive one.
+            header_read_timeout=math.ceil(settings.header_timeout * 1000),
+            # hyper's read buffer, which must hold a request's head: larger heads get 431. It
+            # cannot be under 8 KiB.
+            max_buffer_size=max(settings.max_header_bytes, _HYPER_MIN_BUFFER),
+        ),
         http2_settings=HTTP2Settings(
             keep_alive_interval=_HTTP2_PING_INTERVAL_MS,
             keep_alive_timeout=math.ceil(settings.send_timeout),
+            max_headers_size=settings.max_header_bytes,
         ),
         log_level=LogLevels(settings.log_level),
         log_dictconfig=_granian_logging(),

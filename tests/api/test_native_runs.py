@@ -38,8 +38,8 @@ def parse_frames(raw: bytes) -> list[tuple[int, str, dict[str, Any]]]:
     return frames
 
 
-def test_sse_framing_and_event_order(gateway_url: str) -> None:
-    response = post_run(gateway_url, run_request())
+def test_sse_framing_and_event_order(uncoalesced_url: str) -> None:
+    response = post_run(uncoalesced_url, run_request())
     assert response.status_code == 200
     frames = parse_frames(response.content)
 
@@ -63,25 +63,42 @@ def test_sse_framing_and_event_order(gateway_url: str) -> None:
     assert started["response_id"].startswith("chatcmpl-mock-")
     assert started["model"] == "mock-model"
 
-    assert data[1] == {"index": 0, "role": "assistant", "content": ""}
-    assert data[2:5] == [{"index": 0, "content": f"tok{i} "} for i in range(3)]
-    assert data[5] == {"index": 0, "finish_reason": "stop"}
+    # Compact: no null fields, no choice index when it is the first choice.
+    assert data[1] == {"role": "assistant", "content": ""}
+    assert data[2:5] == [{"content": f"tok{i} "} for i in range(3)]
+    assert data[5] == {"finish_reason": "stop"}
     assert data[6]["completion_tokens"] == 3
     assert data[6]["total_tokens"] == data[6]["prompt_tokens"] + 3
     assert data[7] == {}
 
 
 def test_sse_headers(gateway_url: str) -> None:
-    response = post_run(gateway_url, run_request(), **{"Accept-Encoding": "gzip, deflate, br"})
+    response = post_run(gateway_url, run_request(), **{"Accept-Encoding": "identity"})
     assert response.status_code == 200
     headers = response.headers
     assert headers["content-type"] == "text/event-stream"
     assert headers["cache-control"] == "no-cache"
     assert headers["x-accel-buffering"] == "no"
-    assert headers["tokenrelay-event-version"] == "1"
+    assert headers["tokenrelay-event-version"] == "2"
     assert headers["x-run-id"].startswith("run_")
     assert "content-encoding" not in headers
     assert "content-length" not in headers
+
+
+def test_sse_is_compressed_when_the_client_asks(gateway_url: str) -> None:
+    response = post_run(gateway_url, run_request(), **{"Accept-Encoding": "gzip"})
+    assert response.status_code == 200
+    headers = response.headers
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["content-encoding"] == "gzip"  # httpx decodes it below
+    assert headers["vary"].lower() == "accept-encoding"
+    assert headers["x-accel-buffering"] == "no"
+    assert "content-length" not in headers
+    frames = parse_frames(response.content)
+    assert "".join(d.get("content", "") for _, k, d in frames if k == "message.delta") == (
+        "tok0 tok1 tok2 "
+    )
+    assert frames[-1][1] == "run.completed"
 
 
 def test_each_run_has_its_own_id(gateway_url: str) -> None:
@@ -112,14 +129,16 @@ def test_sse_is_the_default(gateway_url: str, accept: str | None) -> None:
         pytest.param("text/html, application/x-ndjson", id="ndjson-second"),
     ],
 )
-def test_ndjson_carries_the_same_events(gateway_url: str, accept: str) -> None:
-    sse = parse_frames(post_run(gateway_url, run_request()).content)
-    response = post_run(gateway_url, run_request(), Accept=accept)
+def test_ndjson_carries_the_same_events(uncoalesced_url: str, accept: str) -> None:
+    sse = parse_frames(post_run(uncoalesced_url, run_request()).content)
+    response = post_run(
+        uncoalesced_url, run_request(), Accept=accept, **{"Accept-Encoding": "gzip"}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/x-ndjson"
-    assert response.headers["tokenrelay-event-version"] == "1"
+    assert response.headers["tokenrelay-event-version"] == "2"
     assert response.headers["cache-control"] == "no-cache"
-    assert "content-encoding" not in response.headers
+    assert response.headers["content-encoding"] == "gzip"  # httpx decodes it below
 
     assert response.content.endswith(b"\n")
     lines = response.content.split(b"\n")[:-1]
@@ -152,7 +171,8 @@ def test_tool_call_run(gateway_url: str) -> None:
     assert frames[-1] == (len(frames), "run.completed", {})
     deltas = [data for _, kind, data in frames if kind == "tool_call.delta"]
     assert len(deltas) >= 2
-    assert all(d["index"] == 0 and isinstance(d["tool_calls"], list) for d in deltas)
+    # The first choice's index is left out; the fragments keep the upstream's own.
+    assert all(list(d) == ["tool_calls"] and isinstance(d["tool_calls"], list) for d in deltas)
     calls = [d["tool_calls"][0] for d in deltas]
     assert calls[0]["id"].startswith("call_mock_")
     assert calls[0]["type"] == "function"
@@ -163,7 +183,7 @@ def test_tool_call_run(gateway_url: str) -> None:
     content = [d.get("content") for _, kind, d in frames if kind == "message.delta"]
     assert not any(content)
     completed = [d for _, kind, d in frames if kind == "message.completed"]
-    assert completed == [{"index": 0, "finish_reason": "tool_calls"}]
+    assert completed == [{"finish_reason": "tool_calls"}]
 
 
 def test_exactly_one_terminal_event_last(gateway_url: str) -> None:
@@ -193,8 +213,7 @@ def test_events_reach_the_client_as_they_happen(gateway_url: str) -> None:
     assert first_token_at is not None
     assert first_token_at < total - 0.3, (first_token_at, total)
     frames = parse_frames(received)
-    assert [d["content"] for _, k, d in frames if k == "message.delta"][1:] == [
-        "tok0 ",
-        "tok1 ",
-        "tok2 ",
-    ]
+    contents = [d["content"] for _, k, d in frames if k == "message.delta"]
+    # The first token is never held back to be merged with later ones.
+    assert contents[:2] == ["", "tok0 "]
+    assert "".join(contents) == "tok0 tok1 tok2 "

@@ -144,5 +144,31 @@ def test_response_names_its_run(gateway_url: str) -> None:
     assert raw.headers["cache-control"] == "no-cache"
     assert raw.headers["x-accel-buffering"] == "no"
     assert raw.headers["content-type"].startswith("text/event-stream")
-    assert "content-encoding" not in raw.headers
-    list(raw.parse())
+    # The SDK asks for compression, gets one of the codings it named, and decodes it.
+    asked = raw.http_request.headers["accept-encoding"]
+    assert raw.headers["content-encoding"] in {coding.strip() for coding in asked.split(",")}
+    assert raw.headers["vary"].lower() == "accept-encoding"
+    chunks = [chunk.model_dump() for chunk in raw.parse()]
+    text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks if c["choices"])
+    assert text == "tok0 tok1 tok2 tok3 tok4 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("accept_encoding", [None, "identity"])
+def test_stream_is_not_compressed_unless_asked(
+    gateway_url: str, accept_encoding: str | None
+) -> None:
+    with httpx.Client(timeout=10) as client:
+        del client.headers["accept-encoding"]  # httpx would ask for its own codings
+        headers = {} if accept_encoding is None else {"Accept-Encoding": accept_encoding}
+        response = client.post(
+            gateway_url + "/v1/chat/completions",
+            json={"model": "mock-model", "messages": MESSAGES, "stream": True},
+            headers=headers,
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert "content-encoding" not in response.headers
+    # The body is the plain event stream, chunk by chunk, ending as OpenAI's does.
+    assert response.content.startswith(b"data: {")
+    assert response.content.endswith(b"data: [DONE]\n\n")

@@ -41,7 +41,10 @@ def body(mock: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 
 def read_until(url: str, payload: dict[str, Any], stop_after_seq: int) -> tuple[str, list[Frame]]:
-    """Start a run, read frames until ``stop_after_seq``, then drop the connection."""
+    """Start a run, read frames until ``stop_after_seq``, then drop the connection.
+
+    Frames past ``stop_after_seq`` that came in the same read are dropped, as if never received.
+    """
     raw = b""
     with (
         httpx.Client(timeout=10) as client,
@@ -49,7 +52,7 @@ def read_until(url: str, payload: dict[str, Any], stop_after_seq: int) -> tuple[
     ):
         assert response.status_code == 200
         run_id = response.headers["x-run-id"]
-        for piece in response.iter_raw():
+        for piece in response.iter_bytes():  # decoded: the stream may be compressed
             raw += piece
             frames = parse_frames(raw[: raw.rfind(b"\n\n") + 2])
             if frames and frames[-1].seq >= stop_after_seq:
@@ -72,8 +75,33 @@ def content(frames: list[Frame]) -> str:
     return "".join(f.data.get("content", "") for f in frames if f.type == "message.delta")
 
 
-def tokens(n: int) -> str:
-    return "".join(f"tok{i} " for i in range(n))
+def tokens(n: int, start: int = 0) -> str:
+    return "".join(f"tok{i} " for i in range(start, n))
+
+
+def assert_consecutive(frames: list[Frame], first_seq: int) -> None:
+    """Every event from ``first_seq`` on, once, whether or not text deltas were merged.
+
+    The seq rises by one per frame, except at a merged text delta, which has the seq of the last
+    delta in it: there it rises by the number of mock tokens (``tokN``) the frame holds.
+    """
+    previous = first_seq - 1
+    for frame in frames:
+        step = frame.seq - previous
+        if step != 1:
+            assert frame.type == "message.delta" and list(frame.data) == ["content"], frame
+            assert frame.data["content"].count("tok") == step, (previous, frame)
+        previous = frame.seq
+
+
+def assert_every_event_once(everything: list[Frame], token_count: int) -> None:
+    """Nothing lost, nothing repeated, in a whole run of ``token_count`` mock tokens."""
+    assert_consecutive(everything, 1)
+    assert content(everything) == tokens(token_count)
+    assert [f.type for f in everything].count("run.completed") == 1
+    assert everything[-1].type == "run.completed"
+    # run.started, the role delta, one delta per token, message.completed, usage, run.completed.
+    assert everything[-1].seq == token_count + 5
 
 
 @pytest.mark.parametrize("how", ["last-event-id", "after"])
@@ -87,20 +115,21 @@ def test_reconnect_gets_exactly_the_remaining_events(gateway_url: str, how: str)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     rest = parse_frames(response.content)
-    everything = seen + rest
-    assert [f.seq for f in everything] == list(range(1, len(everything) + 1))
-    assert content(everything) == tokens(20)
-    assert [f.type for f in everything].count("run.completed") == 1
-    assert everything[-1].type == "run.completed"
+    assert rest[0].seq > cursor
+    assert_every_event_once(seen + rest, 20)
 
 
-def test_two_readers_see_identical_sequences(gateway_url: str) -> None:
+def test_two_readers_see_identical_sequences(uncoalesced_url: str) -> None:
+    # One event per delta: a merged stream depends on when each reader reads.
     response = httpx.post(
-        gateway_url + "/v1/runs", json=body({"tokens": 10, "itl_ms": 20}, detach=True), timeout=10
+        uncoalesced_url + "/v1/runs",
+        json=body({"tokens": 10, "itl_ms": 20}, detach=True),
+        timeout=10,
     )
     run_id = response.headers["x-run-id"]
     first = parse_frames(response.content)
-    second = parse_frames(resume(gateway_url, run_id).content)
+    second = parse_frames(resume(uncoalesced_url, run_id).content)
+    assert [f.seq for f in first] == list(range(1, 16))
     assert first == second
     assert content(first) == tokens(10)
 
@@ -151,8 +180,8 @@ def test_reconnect_within_the_grace_period_loses_nothing(gateway_factory: Gatewa
     run_id, seen = read_until(url, body({"tokens": 30, "itl_ms": 30}), stop_after_seq=5)
     time.sleep(0.3)
     rest = parse_frames(resume(url, run_id, headers={"Last-Event-ID": str(seen[-1].seq)}).content)
-    assert content(seen + rest) == tokens(30)
-    assert rest[-1].type == "run.completed"
+    assert rest[0].seq > seen[-1].seq
+    assert_every_event_once(seen + rest, 30)
 
 
 def test_cancel_ends_a_run_with_run_cancelled(gateway_url: str, mock_url: str) -> None:
@@ -219,7 +248,9 @@ def test_cursor_beyond_the_end_waits_for_live_events(gateway_url: str) -> None:
     )
     response = resume(gateway_url, run_id, headers={"Last-Event-ID": "8"})
     frames = parse_frames(response.content)
-    assert frames[0].seq == 9
+    # Seq 3 is tok0, so 9 is tok6; a reader's first text delta is never held to be merged.
+    assert frames[0] == Frame(9, "message.delta", {"content": "tok6 "})
+    assert content(frames) == tokens(10, start=6)
     assert frames[-1].type == "run.completed"
 
 

@@ -273,6 +273,10 @@ async def test_oversized_message_closes_with_1009(gateway_url: str) -> None:
         await ws.send("x" * (1_048_576 + 1))
         code, _ = await closed_with(ws)
     assert code == 1009
+    async with connect(ws_url(gateway_url)) as ws:  # the gateway goes on serving
+        run_id = await create(ws, {"tokens": 3})
+        events, _ = await read_runs(ws, runs=1)
+    assert content(events[run_id]) == tokens(3)
 
 
 async def test_binary_frame_closes_with_1003(gateway_url: str) -> None:

@@ -89,8 +89,8 @@ def new_id() -> str:
     return "run_test_" + uuid.uuid4().hex
 
 
-def running(run_id: str, *, detached: bool = False) -> RunInfo:
-    return RunInfo(run_id, "running", created_at=time.time(), detached=detached)
+def running(run_id: str, *, detached: bool = False, tenant: str = "default") -> RunInfo:
+    return RunInfo(run_id, "running", created_at=time.time(), detached=detached, tenant=tenant)
 
 
 def ended(info: RunInfo, status: Any = "completed", error_code: str | None = None) -> RunInfo:
@@ -101,6 +101,7 @@ def ended(info: RunInfo, status: Any = "completed", error_code: str | None = Non
         detached=info.detached,
         finished_at=time.time(),
         error_code=error_code,
+        tenant=info.tenant,
     )
 
 
@@ -154,6 +155,16 @@ async def test_finish_replaces_the_record(registry: RunRegistry) -> None:
     assert got.error_code == "upstream_disconnected"
     assert got.created_at == info.created_at
     assert got.finished_at is not None
+
+
+async def test_the_record_keeps_its_tenant_to_the_end(registry: RunRegistry) -> None:
+    info = running(new_id(), tenant="acme")
+    await registry.register(info)
+    assert (await registry.get(info.id)) == info
+    await registry.finish(ended(info))
+    final = await registry.get(info.id)
+    assert final is not None
+    assert final.tenant == "acme"
 
 
 async def test_records_are_independent(registry: RunRegistry) -> None:

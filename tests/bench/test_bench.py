@@ -60,9 +60,12 @@ def assert_all_ok(result: BenchResult, streams: int, tokens_each: int) -> None:
 
 
 @pytest.mark.parametrize("stream_format", list(StreamFormat))
-async def test_small_run_through_the_gateway(gateway_url: str, stream_format: StreamFormat) -> None:
+async def test_small_run_through_the_gateway(
+    uncoalesced_url: str, stream_format: StreamFormat
+) -> None:
+    # One native event per token: the token counts below are exact.
     config = BenchConfig(
-        gateway_url, concurrency=4, requests=12, format=stream_format, mock={"tokens": 10}
+        uncoalesced_url, concurrency=4, requests=12, format=stream_format, mock={"tokens": 10}
     )
     result = await run_bench(config)
     assert_all_ok(result, streams=12, tokens_each=10)
@@ -120,10 +123,10 @@ async def test_http_error_without_a_code_is_the_status_alone(mock_url: str) -> N
 
 @pytest.mark.parametrize("stream_format", list(StreamFormat))
 async def test_mid_stream_failure_is_counted_by_its_code(
-    gateway_url: str, stream_format: StreamFormat
+    uncoalesced_url: str, stream_format: StreamFormat
 ) -> None:
     config = BenchConfig(
-        gateway_url,
+        uncoalesced_url,
         concurrency=3,
         requests=3,
         format=stream_format,
@@ -231,10 +234,10 @@ async def test_progress_snapshots_and_stop_event(mock_url: str) -> None:
     assert snapshots[-1].active_streams == 0
 
 
-def test_cli_json_output(gateway_url: str) -> None:
+def test_cli_json_output(uncoalesced_url: str) -> None:
     completed = subprocess.run(
         [
-            *(sys.executable, "-m", "tokenrelay", "bench", gateway_url + "/v1"),
+            *(sys.executable, "-m", "tokenrelay", "bench", uncoalesced_url + "/v1"),
             *("-c", "2", "-n", "4", "--format", "native", "--mock", '{"tokens": 3}', "--json"),
         ],
         capture_output=True,
@@ -251,7 +254,7 @@ def test_cli_json_output(gateway_url: str) -> None:
     assert output["ttft_ms"]["count"] == 4 and output["itl_ms"]["count"] == 8
     assert output["failures"] == {}
     assert output["config"]["format"] == "native"
-    assert output["config"]["endpoint"] == gateway_url + "/v1/runs"
+    assert output["config"]["endpoint"] == uncoalesced_url + "/v1/runs"
     assert output["wall_seconds"] > 0 and output["bytes"] > 0
 
 

@@ -38,13 +38,14 @@ OPENAI_STREAM = (
     + b'[],"usage":{"completion_tokens":6}}\n\n'
     + b"data: [DONE]\n\n"
 )
+# As the gateway sends it: compact data, without the first choice's index.
 NATIVE_STREAM = (
     native(1, "run.started", {"run_id": "run_1"})
-    + native(2, "message.delta", {"index": 0, "role": "assistant", "content": ""})
-    + b"".join(native(3 + i, "message.delta", {"index": 0, "content": f"t{i}"}) for i in range(3))
+    + native(2, "message.delta", {"role": "assistant", "content": ""})
+    + b"".join(native(3 + i, "message.delta", {"content": f"t{i}"}) for i in range(3))
     + b": heartbeat\n\n"
-    + native(6, "tool_call.delta", {"index": 0, "tool_calls": []})
-    + native(7, "message.completed", {"index": 0, "finish_reason": "stop"})
+    + native(6, "tool_call.delta", {"tool_calls": []})
+    + native(7, "message.completed", {"finish_reason": "stop"})
     + native(8, "run.completed", {})
 )
 
@@ -66,6 +67,21 @@ def test_openai_tokens_and_end_whatever_the_reads(size: int, crlf: bool) -> None
 def test_native_tokens_and_end_whatever_the_reads(size: int) -> None:
     parser = NativeFrameParser()
     assert feed_in_pieces(parser, NATIVE_STREAM, size) == 4
+    assert (parser.finished, parser.failure) == (True, None)
+
+
+def test_a_merged_native_delta_counts_every_token_it_holds() -> None:
+    """With stream.coalesce_native_ms, one delta stands for the ids it skips."""
+    body = (
+        native(1, "run.started", {"run_id": "run_1"})
+        + native(2, "message.delta", {"role": "assistant", "content": ""})
+        + native(3, "message.delta", {"content": "t0 "})
+        + native(7, "message.delta", {"content": "t1 t2 t3 t4 "})
+        + native(8, "message.completed", {"finish_reason": "stop"})
+        + native(9, "run.completed", {})
+    )
+    parser = NativeFrameParser()
+    assert parser.feed(body) == 5
     assert (parser.finished, parser.failure) == (True, None)
 
 
@@ -107,7 +123,7 @@ def test_openai_body_without_frames_is_not_finished() -> None:
 )
 def test_native_failures(event: str, data: dict[str, object], failure: str) -> None:
     parser = NativeFrameParser()
-    body = native(1, "message.delta", {"index": 0, "content": "a"}) + native(2, event, data)
+    body = native(1, "message.delta", {"content": "a"}) + native(2, event, data)
     assert parser.feed(body) == 1
     assert (parser.finished, parser.failure) == (True, failure)
 

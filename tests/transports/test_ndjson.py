@@ -1,4 +1,4 @@
-"""Native events as newline-delimited JSON: byte-exact lines."""
+"""Native events as newline-delimited JSON: byte-exact lines in the compact native encoding."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from tokenrelay.transports.ndjson import NDJSON_HEARTBEAT, NDJSONRenderer, encod
 
 def test_a_delta_line_is_byte_exact() -> None:
     event = Event(3, EventType.MESSAGE_DELTA, {"index": 0, "content": "hi"})
-    assert encode_event(event) == (
-        b'{"seq":3,"type":"message.delta","data":{"index":0,"content":"hi"}}\n'
-    )
+    assert encode_event(event) == b'{"seq":3,"type":"message.delta","data":{"content":"hi"}}\n'
 
 
 @pytest.mark.parametrize(
@@ -28,7 +26,17 @@ def test_a_delta_line_is_byte_exact() -> None:
         pytest.param(
             Event(2, EventType.TOOL_CALL_DELTA, {"index": 1, "tool_calls": []}),
             b'{"seq":2,"type":"tool_call.delta","data":{"index":1,"tool_calls":[]}}\n',
-            id="tool_call.delta",
+            id="tool_call.delta-of-a-second-choice",
+        ),
+        pytest.param(
+            Event(3, EventType.MESSAGE_COMPLETED, {"index": 0, "finish_reason": "stop"}),
+            b'{"seq":3,"type":"message.completed","data":{"finish_reason":"stop"}}\n',
+            id="message.completed",
+        ),
+        pytest.param(
+            Event(2, EventType.RUN_STARTED, {"run_id": "r", "system_fingerprint": None}),
+            b'{"seq":2,"type":"run.started","data":{"run_id":"r"}}\n',
+            id="run.started-without-nulls",
         ),
         pytest.param(
             Event(9, EventType.RUN_COMPLETED, {}),
@@ -51,7 +59,7 @@ def test_every_event_type_is_one_byte_exact_line(event: Event, line: bytes) -> N
     assert encode_event(event) == line
 
 
-def test_each_line_is_the_event_as_a_dict() -> None:
+def test_each_line_is_the_event_with_its_compact_data() -> None:
     events = [
         Event(1, EventType.RUN_STARTED, {"run_id": "r"}),
         Event(2, EventType.MESSAGE_DELTA, {"index": 0, "content": "a"}),
@@ -61,7 +69,12 @@ def test_each_line_is_the_event_as_a_dict() -> None:
     body = NDJSONRenderer().render(events)
     assert body.endswith(b"\n")
     lines = body.split(b"\n")[:-1]
-    assert [json.loads(line) for line in lines] == [event.to_dict() for event in events]
+    assert [json.loads(line) for line in lines] == [
+        {"seq": 1, "type": "run.started", "data": {"run_id": "r"}},
+        {"seq": 2, "type": "message.delta", "data": {"content": "a"}},
+        {"seq": 3, "type": "usage", "data": {"total_tokens": 3}},
+        {"seq": 4, "type": "run.completed", "data": {}},
+    ]
 
 
 def test_unicode_and_newlines_stay_inside_one_line() -> None:
@@ -73,7 +86,7 @@ def test_unicode_and_newlines_stay_inside_one_line() -> None:
     assert json.loads(body) == {
         "seq": 1,
         "type": "message.delta",
-        "data": {"index": 0, "content": text},
+        "data": {"content": text},
     }
 
 

@@ -1,4 +1,4 @@
-"""Native events as Server-Sent Events: byte-exact frames."""
+"""Native events as Server-Sent Events: byte-exact frames in the compact native encoding."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import pytest
 
 from tokenrelay.events import Event, EventType
 from tokenrelay.sources.sse_parser import SSEDataParser
-from tokenrelay.transports.sse import SSE_HEARTBEAT, NativeSSERenderer, encode_event
+from tokenrelay.transports.sse import (
+    SSE_HEARTBEAT,
+    NativeSSERenderer,
+    encode_event,
+    native_data,
+)
 
 TRICKY_TEXT = 'l\u00ednea 1\nl\u00ednea 2\r\n\u2713 \u2028 "quoted" \\ \t\u0000 \U0001f600 end'
 
 
 def test_a_delta_frame_is_byte_exact() -> None:
     event = Event(3, EventType.MESSAGE_DELTA, {"index": 0, "content": "hi"})
-    assert (
-        encode_event(event) == b'id: 3\nevent: message.delta\ndata: {"index":0,"content":"hi"}\n\n'
-    )
+    assert encode_event(event) == b'id: 3\nevent: message.delta\ndata: {"content":"hi"}\n\n'
 
 
 @pytest.mark.parametrize(
@@ -34,14 +37,14 @@ def test_a_delta_frame_is_byte_exact() -> None:
                 EventType.TOOL_CALL_DELTA,
                 {"index": 0, "tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]},
             ),
+            # The fragment's own index is the upstream's and stays.
             b"id: 4\nevent: tool_call.delta\n"
-            b'data: {"index":0,"tool_calls":[{"index":0,'
-            b'"function":{"arguments":"{\\"a\\":"}}]}\n\n',
+            b'data: {"tool_calls":[{"index":0,"function":{"arguments":"{\\"a\\":"}}]}\n\n',
             id="tool_call.delta",
         ),
         pytest.param(
             Event(5, EventType.MESSAGE_COMPLETED, {"index": 0, "finish_reason": "stop"}),
-            b'id: 5\nevent: message.completed\ndata: {"index":0,"finish_reason":"stop"}\n\n',
+            b'id: 5\nevent: message.completed\ndata: {"finish_reason":"stop"}\n\n',
             id="message.completed",
         ),
         pytest.param(
@@ -83,7 +86,7 @@ def test_unicode_and_newlines_stay_inside_one_data_line() -> None:
     assert lines[:2] == [b"id: 1", b"event: message.delta"]
     assert lines[3:] == [b"", b""]  # exactly one data line, then the blank line
     assert lines[2].startswith(b"data: ")
-    assert json.loads(lines[2][6:]) == {"index": 0, "content": TRICKY_TEXT}
+    assert json.loads(lines[2][6:]) == {"content": TRICKY_TEXT}
     # Non-ASCII is sent as UTF-8, not escaped; control characters are JSON escapes.
     assert "\u2713".encode() in lines[2]
     assert b"\\n" in lines[2] and b"\\r" in lines[2] and b"\\u0000" in lines[2]
@@ -97,7 +100,7 @@ def test_render_joins_frames_in_order() -> None:
     ]
     assert NativeSSERenderer().render(events) == (
         b'id: 1\nevent: run.started\ndata: {"run_id":"r"}\n\n'
-        b'id: 2\nevent: message.delta\ndata: {"index":0,"content":"a"}\n\n'
+        b'id: 2\nevent: message.delta\ndata: {"content":"a"}\n\n'
         b"id: 3\nevent: run.completed\ndata: {}\n\n"
     )
 
@@ -123,4 +126,70 @@ def test_a_rendered_stream_parses_back_to_the_same_data() -> None:
     ]
     body = NativeSSERenderer().render(events)
     payloads = SSEDataParser().feed(body)
-    assert [json.loads(payload) for payload in payloads] == [event.data for event in events]
+    assert [json.loads(payload) for payload in payloads] == [
+        {"run_id": "r", "model": "m"},
+        {"content": TRICKY_TEXT},
+        {"content": "\n\n"},
+        {},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("event", "data"),
+    [
+        pytest.param(
+            Event(2, EventType.MESSAGE_DELTA, {"index": 1, "content": "b"}),
+            b'{"index":1,"content":"b"}',
+            id="a-second-choice-keeps-its-index",
+        ),
+        pytest.param(
+            Event(2, EventType.MESSAGE_DELTA, {"index": 0, "role": "assistant", "content": ""}),
+            b'{"role":"assistant","content":""}',
+            id="role-delta",
+        ),
+        pytest.param(
+            Event(2, EventType.MESSAGE_DELTA, {"index": 0, "content": None, "refusal": "no"}),
+            b'{"refusal":"no"}',
+            id="null-content-left-out",
+        ),
+        pytest.param(
+            Event(2, EventType.MESSAGE_DELTA, {"index": 2, "content": "x", "logprobs": None}),
+            b'{"index":2,"content":"x"}',
+            id="null-left-out-index-kept",
+        ),
+        pytest.param(
+            Event(
+                1,
+                EventType.RUN_STARTED,
+                {"run_id": "r", "model": "m", "system_fingerprint": None, "service_tier": None},
+            ),
+            b'{"run_id":"r","model":"m"}',
+            id="run.started-without-nulls",
+        ),
+        pytest.param(
+            Event(3, EventType.RUN_STATUS, {"status": "searching", "index": 0}),
+            b'{"status":"searching","index":0}',
+            id="index-of-a-non-choice-event-stays",
+        ),
+        pytest.param(
+            Event(4, EventType.USAGE, {"prompt_tokens": 0, "completion_tokens": 0}),
+            b'{"prompt_tokens":0,"completion_tokens":0}',
+            id="zeros-that-are-not-an-index-stay",
+        ),
+    ],
+)
+def test_native_data_leaves_out_nulls_and_the_default_index(event: Event, data: bytes) -> None:
+    assert native_data(event) == data
+    assert encode_event(event) == b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        event.seq,
+        event.type.encode(),
+        data,
+    )
+
+
+def test_encoding_does_not_change_the_event() -> None:
+    # The OpenAI format is rendered from the same event and needs every field.
+    data = {"index": 0, "content": "hi", "logprobs": None}
+    event = Event(2, EventType.MESSAGE_DELTA, dict(data))
+    encode_event(event)
+    assert event.data == data

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from . import chat, health, models, runs, ws
+from .deps import get_principal
 
 
 def build_router() -> APIRouter:
     v1 = APIRouter(prefix="/v1")
-    v1.include_router(chat.router)
-    v1.include_router(models.router)
-    v1.include_router(runs.router)
+    # Every HTTP route of /v1 needs a caller; the WebSocket authenticates in its own handshake.
+    authenticated = [Depends(get_principal)]
+    v1.include_router(chat.router, dependencies=authenticated)
+    v1.include_router(models.router, dependencies=authenticated)
+    v1.include_router(runs.router, dependencies=authenticated)
     v1.include_router(ws.router)
     root = APIRouter()
     root.include_router(health.router)

@@ -18,9 +18,13 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: the gateway takes new streams",
-    responses={503: {"description": "Not taking new streams (shutting down)"}},
+    responses={503: {"description": "Not taking new streams (shutting down or at capacity)"}},
 )
 async def readyz(services: ServicesDep) -> JSONResponse:
-    if not services.hub.accepting:
-        return JSONResponse({"status": "shutting_down"}, status_code=503)
-    return JSONResponse({"status": "ready", "active_runs": services.hub.active_runs})
+    hub = services.hub
+    load = {"active_runs": hub.active_runs, "pending_starts": hub.pending_starts}
+    if not hub.accepting:
+        return JSONResponse({"status": "shutting_down", **load}, status_code=503)
+    if services.admission.overloaded:
+        return JSONResponse({"status": "overloaded", **load}, status_code=503)
+    return JSONResponse({"status": "ready", **load})

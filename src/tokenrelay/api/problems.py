@@ -73,6 +73,22 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# OpenAPI documentation of the headers of every response that starts a run.
+RUN_START_HEADERS: dict[str, dict[str, Any]] = {
+    "X-Cache": {
+        "schema": {"type": "string", "enum": ["hit", "miss", "bypass"]},
+        "description": "hit: replayed from the response cache; miss: generated; bypass: the "
+        "cache was not consulted (policy or Cache-Control)",
+    },
+    "X-Coalesced": {
+        "schema": {"type": "string"},
+        "description": "true when this request joined an identical one already generating",
+    },
+    "RateLimit": {"schema": {"type": "string"}, "description": "The tenant's nearest limit"},
+    "RateLimit-Policy": {"schema": {"type": "string"}, "description": "The tenant's limits"},
+}
+
+
 def problem_body(
     error: TokenRelayError, request_id: str | None = None, status: int | None = None
 ) -> dict[str, Any]:

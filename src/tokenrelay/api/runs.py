@@ -13,11 +13,13 @@ from tokenrelay.events import EVENT_SCHEMA_VERSION
 from tokenrelay.runs.subscription import Subscription
 from tokenrelay.services import Services
 from tokenrelay.transports import StreamRenderer
+from tokenrelay.transports.compression import choose_encoding
 from tokenrelay.transports.ndjson import NDJSONRenderer
 from tokenrelay.transports.sse import NativeSSERenderer
 
-from .deps import JSONBody, ServicesDep
-from .problems import PROBLEM_RESPONSES, problem_doc
+from .deps import JSONBody, PrincipalDep, ServicesDep
+from .launch import launch_run
+from .problems import PROBLEM_RESPONSES, RUN_START_HEADERS, problem_doc
 from .schemas import RunRequest, check_limits
 from .streaming import RunResponse
 
@@ -39,6 +41,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
                 "schema": {"type": "string"},
                 "description": "Version of the event schema",
             },
+            **RUN_START_HEADERS,
         },
     },
     406: problem_doc("Neither text/event-stream nor application/x-ndjson is acceptable"),
@@ -72,18 +75,29 @@ async def create_run(
     completion: RunRequest,
     request: Request,
     services: ServicesDep,
+    principal: PrincipalDep,
     accept: Annotated[str | None, Header()] = None,
 ) -> RunResponse:
     renderer = choose_renderer(accept)
     check_limits(completion, services.settings.limits)
     body = orjson.loads(await request.body())
     body.pop("detach", None)  # ours, not the upstream's
-    subscription = await services.hub.start(
-        services.source.stream(body),
+    launch = await launch_run(
+        services,
+        principal,
+        body,
         detached=completion.detach,
         disconnect_grace=services.settings.runs.disconnect_grace,
+        cache_control=request.headers.get("cache-control"),
     )
-    return _event_stream(subscription, renderer, services, resumed=False)
+    return _event_stream(
+        launch.subscription,
+        renderer,
+        services,
+        resumed=False,
+        headers=launch.headers,
+        accept_encoding=request.headers.get("accept-encoding"),
+    )
 
 
 @router.get(
@@ -91,8 +105,8 @@ async def create_run(
     summary="A run's status",
     responses={404: problem_doc("No such run, or it has expired")},
 )
-async def get_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
-    return (await services.hub.info(run_id)).to_dict()
+async def get_run(run_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    return (await services.hub.info(run_id, tenant=principal.tenant)).to_dict()
 
 
 @router.get(
@@ -111,7 +125,9 @@ async def get_run(run_id: str, services: ServicesDep) -> dict[str, Any]:
 )
 async def stream_run_events(
     run_id: str,
+    request: Request,
     services: ServicesDep,
+    principal: PrincipalDep,
     after: Annotated[
         int | None, Query(ge=0, description="Stream the events after this seq.")
     ] = None,
@@ -123,8 +139,14 @@ async def stream_run_events(
 ) -> RunResponse:
     renderer = choose_renderer(accept)
     cursor = _cursor(last_event_id) if last_event_id is not None else after or 0
-    subscription = await services.hub.subscribe(run_id, cursor)
-    return _event_stream(subscription, renderer, services, resumed=True)
+    subscription = await services.hub.subscribe(run_id, cursor, tenant=principal.tenant)
+    return _event_stream(
+        subscription,
+        renderer,
+        services,
+        resumed=True,
+        accept_encoding=request.headers.get("accept-encoding"),
+    )
 
 
 @router.post(
@@ -135,8 +157,8 @@ async def stream_run_events(
         404: problem_doc("No such run, or it has expired"),
     },
 )
-async def cancel_run(run_id: str, services: ServicesDep) -> JSONResponse:
-    info = await services.hub.cancel(run_id)
+async def cancel_run(run_id: str, services: ServicesDep, principal: PrincipalDep) -> JSONResponse:
+    info = await services.hub.cancel(run_id, tenant=principal.tenant)
     return JSONResponse(info.to_dict(), status_code=202 if info.status == "running" else 200)
 
 
@@ -150,13 +172,23 @@ def _cursor(last_event_id: str) -> int:
 
 
 def _event_stream(
-    subscription: Subscription, renderer: StreamRenderer, services: Services, *, resumed: bool
+    subscription: Subscription,
+    renderer: StreamRenderer,
+    services: Services,
+    *,
+    resumed: bool,
+    headers: dict[str, str] | None = None,
+    accept_encoding: str | None = None,
 ) -> RunResponse:
+    stream = services.settings.stream
     return RunResponse(
         subscription,
         renderer,
         heartbeat_interval=services.settings.server.heartbeat_interval,
         send_timeout=services.settings.server.send_timeout,
-        headers={"TokenRelay-Event-Version": EVENT_SCHEMA_VERSION},
+        headers={"TokenRelay-Event-Version": EVENT_SCHEMA_VERSION, **(headers or {})},
         resumed=resumed,
+        encoding=choose_encoding(accept_encoding, stream.compression),
+        coalesce_window=stream.coalesce_native_ms / 1000,
+        coalesce_max_bytes=stream.coalesce_max_bytes,
     )

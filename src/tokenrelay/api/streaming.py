@@ -7,6 +7,11 @@ Closing the subscription when the client leaves lets the Hub cancel the upstream
 The status line waits for the run's first event. A run that fails before it starts (upstream
 unreachable, rejected, timed out before answering) therefore gets a real HTTP error with
 ``application/problem+json``; once the stream has started, failures are terminal events.
+
+Payload: a stream may be compressed (``encoding``, negotiated by the route), each write flushed so
+every event is decodable on arrival, heartbeats included; a whole completion may be compressed
+too; problem responses never are. Text deltas may be coalesced (``coalesce_window``): the held
+delta's deadline bounds the wait of the one read loop, so holding costs no timer and no task.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from tokenrelay.errors import (
 from tokenrelay.events import Event, EventType
 from tokenrelay.runs.subscription import Subscription
 from tokenrelay.transports import StreamRenderer
+from tokenrelay.transports.coalesce import DeltaCoalescer
+from tokenrelay.transports.compression import (
+    StreamCompressor,
+    compress_body,
+    open_stream_compressor,
+)
 from tokenrelay.transports.openai import aggregate_completion
 
 from .problems import problem_body, problem_headers
@@ -42,6 +53,8 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx and friends: do not buffer this response
 }
 _TOKEN_TYPES = frozenset({EventType.MESSAGE_DELTA, EventType.TOOL_CALL_DELTA})
+# A whole completion smaller than this is sent as it is: compressing it saves a few dozen bytes.
+_MIN_COMPRESSED_BODY = 512
 
 
 class _ClientGone(Exception):
@@ -53,6 +66,17 @@ class RunResponse(Response):
 
     A ``Response`` only so that FastAPI hands it to the server as it is; it writes its own
     status line once the run's first event is known.
+
+    Args:
+        subscription: the reader of the run to serve.
+        renderer: the stream's wire format; None for one whole ``chat.completion``.
+        heartbeat_interval: seconds of silence before a heartbeat is written.
+        send_timeout: seconds one write may block before the client is given up.
+        headers: extra response headers.
+        resumed: a reader resuming a run: a failure before any event is an event, not an error.
+        encoding: the content coding of the body (``choose_encoding``); None: identity.
+        coalesce_window: seconds text deltas may be held to be merged; 0: never.
+        coalesce_max_bytes: a merged delta is sent once its text reaches this many bytes.
     """
 
     media_type = "text/event-stream"  # for the OpenAPI document; each response sets its own
@@ -66,6 +90,9 @@ class RunResponse(Response):
         send_timeout: float,
         headers: dict[str, str] | None = None,
         resumed: bool = False,
+        encoding: str | None = None,
+        coalesce_window: float = 0.0,
+        coalesce_max_bytes: int = 1024,
     ) -> None:
         self.background = None
         # A new run that fails before its first event is an HTTP error; a resumed one is not:
@@ -77,6 +104,10 @@ class RunResponse(Response):
         self._heartbeat_interval = heartbeat_interval
         self._send_timeout = send_timeout
         self._extra_headers = {"X-Run-Id": subscription.run_id, **(headers or {})}
+        self._encoding = encoding
+        self._compressor: StreamCompressor | None = None
+        self._coalesce_window = coalesce_window
+        self._coalesce_max_bytes = coalesce_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._stats: dict[str, Any] = scope.setdefault("state", {})
@@ -140,17 +171,27 @@ class RunResponse(Response):
         self, send: Send, batch: Sequence[Event], renderer: StreamRenderer
     ) -> None:
         headers = {"Content-Type": renderer.media_type, **STREAM_HEADERS, **self._extra_headers}
+        if self._encoding is not None:
+            self._compressor = open_stream_compressor(self._encoding)
+            headers["Content-Encoding"] = self._encoding
+            headers["Vary"] = "Accept-Encoding"
+        coalescer = None
+        if self._coalesce_window > 0:
+            coalescer = DeltaCoalescer(self._coalesce_window, self._coalesce_max_bytes)
         await self._send(
             {"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send
         )
         try:
             while batch:
+                events = batch if coalescer is None else coalescer.push(batch, self._loop.time())
                 if "ttft_ms" not in self._stats:
-                    self._note_first_token(batch)
-                body = renderer.render(batch)
+                    self._note_first_token(events)
+                body = renderer.render(events)
                 if not body and self._loop.time() - self._last_write >= self._heartbeat_interval:
                     body = renderer.heartbeat  # events this format omits are no keep-alive
                 if body:
+                    if self._compressor is not None:
+                        body = self._compressor.compress(body)
                     await self._send(
                         {"type": "http.response.body", "body": body, "more_body": True}, send
                     )
@@ -158,15 +199,13 @@ class RunResponse(Response):
                     if batch[-1].type is EventType.RUN_FAILED:
                         self._stats["error_code"] = batch[-1].data["code"]
                     break
-                batch = await self._subscription.next_batch(self._heartbeat_interval)
-                while not batch:  # the run is quiet: keep idle proxies from closing the stream
-                    heartbeat = {
-                        "type": "http.response.body",
-                        "body": renderer.heartbeat,
-                        "more_body": True,
-                    }
-                    await self._send(heartbeat, send)
-                    batch = await self._subscription.next_batch(self._heartbeat_interval)
+                batch = await self._subscription.next_batch(self._read_timeout(coalescer))
+                while not batch:
+                    if coalescer is None:  # the run is quiet: keep idle proxies from closing
+                        await self._write(renderer.heartbeat, send)
+                    else:
+                        await self._after_quiet(coalescer, renderer, send)
+                    batch = await self._subscription.next_batch(self._read_timeout(coalescer))
         except EndOfStream:
             pass
         except StoreUnavailable as exc:
@@ -174,13 +213,40 @@ class RunResponse(Response):
             # the stream as a failed run, so every client sees a terminal event, not a hang.
             self._stats["error_code"] = exc.instance_code()
             failed = Event(self._subscription.cursor + 1, EventType.RUN_FAILED, exc.to_failure())
-            body = renderer.render((failed,))
-            await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
+            held = coalescer.flush() if coalescer is not None else []
+            await self._write(renderer.render((*held, failed)), send)
         except TokenRelayError as exc:  # this reader fell behind the kept window
             self._stats["error_code"] = exc.instance_code()
-            body = renderer.render_error(exc)
-            await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False}, send)
+            held = coalescer.flush() if coalescer is not None else []
+            await self._write(renderer.render(held) + renderer.render_error(exc), send)
+        end = self._compressor.finish() if self._compressor is not None else b""
+        await self._send({"type": "http.response.body", "body": end, "more_body": False}, send)
+
+    def _read_timeout(self, coalescer: DeltaCoalescer | None) -> float:
+        """How long to wait for events: a held delta's deadline shortens the heartbeat's wait."""
+        if coalescer is None or coalescer.deadline is None:
+            return self._heartbeat_interval
+        return min(self._heartbeat_interval, max(0.0, coalescer.deadline - self._loop.time()))
+
+    async def _after_quiet(
+        self, coalescer: DeltaCoalescer, renderer: StreamRenderer, send: Send
+    ) -> None:
+        """A read timed out: send the held delta once its window has passed, else a heartbeat."""
+        now = self._loop.time()
+        held = coalescer.push((), now)
+        if held:
+            await self._write(renderer.render(held), send)
+        elif now - self._last_write >= self._heartbeat_interval:
+            await self._write(renderer.heartbeat, send)
+
+    async def _write(self, body: bytes, send: Send) -> None:
+        """One piece of a stream's body, compressed and flushed when the response is encoded.
+
+        Not on the per-event path, which does the same inline: one coroutine less per event.
+        """
+        if self._compressor is not None:
+            body = self._compressor.compress(body)
+        await self._send({"type": "http.response.body", "body": body, "more_body": True}, send)
 
     async def _serve_whole(self, send: Send, batch: Sequence[Event]) -> None:
         events = list(batch)
@@ -192,6 +258,10 @@ class RunResponse(Response):
             return
         body = orjson.dumps(aggregate_completion(events))
         headers = {"Content-Type": "application/json", **self._extra_headers}
+        if self._encoding is not None and len(body) >= _MIN_COMPRESSED_BODY:
+            body = compress_body(body, self._encoding)
+            headers["Content-Encoding"] = self._encoding
+            headers["Vary"] = "Accept-Encoding"
         await self._send(
             {"type": "http.response.start", "status": 200, "headers": _raw(headers)}, send
         )

@@ -1,5 +1,13 @@
 """``/v1/ws``: several runs over one WebSocket connection (protocol: docs/websocket.md).
 
+The handshake is refused (HTTP 403, or 401 with a ``WWW-Authenticate`` challenge when the server
+can send a denial response) for a browser ``Origin`` that is neither the gateway's own nor in
+``websocket.allowed_origins``, and for credentials in the headers that do not authenticate.
+A handshake without credentials, when authentication is on, is accepted and must send
+``{"type": "auth", "token": …}`` first, within ``websocket.auth_timeout``; else the connection
+is closed with 1008 and the error's code as the reason. Every run the connection starts, follows
+or cancels belongs to the authenticated tenant.
+
 The connection handler owns every task it starts: one reader (client messages, handled in
 order), one writer draining a bounded send queue, and one pump per subscribed run copying the
 run's events from its subscription into the queue. Whatever ends the connection, every task is
@@ -24,16 +32,20 @@ from starlette.websockets import WebSocketDisconnect
 
 from tokenrelay.errors import (
     EndOfStream,
+    Forbidden,
     InternalError,
     RequestError,
     StoreUnavailable,
     TokenRelayError,
+    Unauthenticated,
     ValidationFailed,
 )
 from tokenrelay.events import Event, EventType
+from tokenrelay.guards import Principal
 from tokenrelay.runs.subscription import Subscription
 from tokenrelay.services import Services
 from tokenrelay.transports.websocket import (
+    Auth,
     CloseCode,
     Ref,
     RunCancel,
@@ -45,10 +57,14 @@ from tokenrelay.transports.websocket import (
     encode_error,
     encode_event,
     encode_reply,
+    origin_allowed,
+    parse_auth,
     parse_message,
     validation_failed,
 )
 
+from .launch import launch_run
+from .problems import problem_response
 from .schemas import RunRequest, check_limits
 
 logger = structlog.get_logger("tokenrelay.api")
@@ -70,11 +86,49 @@ class AlreadySubscribed(RequestError):
     title = "Already subscribed to this run"
 
 
+class AlreadyAuthenticated(RequestError):
+    code = "already_authenticated"
+    status = 409
+    title = "The connection is authenticated already"
+
+
 @router.websocket("/ws")
 async def websocket_runs(websocket: WebSocket) -> None:
     services: Services = websocket.state.services
+    # Nothing is read from the URL's query, where a client may have put a token: dropped from
+    # the scope (which the server shares), it is not in the server's handshake log line either.
+    websocket.scope["query_string"] = b""
+    origin = websocket.headers.get("origin")
+    allowed = services.settings.websocket.allowed_origins
+    if origin is not None and not origin_allowed(
+        origin, websocket.headers.get("host"), websocket.url.scheme, allowed
+    ):
+        logger.info("websocket_refused", code="origin_not_allowed", origin=origin[:256])
+        error = Forbidden("this Origin may not connect", code="origin_not_allowed")
+        await _refuse_handshake(websocket, error)
+        return
+    principal: Principal | None = None
+    try:
+        principal = await services.authenticator.authenticate(websocket.headers)
+    except Unauthenticated as exc:
+        if exc.instance_code() != "missing_credentials":
+            await _refuse_handshake(websocket, exc)
+            return
+        # No credentials in the headers: the first message must carry them.
+    except TokenRelayError as exc:  # Forbidden (a scope), StoreUnavailable
+        await _refuse_handshake(websocket, exc)
+        return
     await websocket.accept()
-    await Connection(websocket, services).serve()
+    await Connection(websocket, services, principal).serve()
+
+
+async def _refuse_handshake(websocket: WebSocket, error: TokenRelayError) -> None:
+    """Answer the upgrade request with the error's problem+json when the server can (the ASGI
+    denial response extension: uvicorn), else with the server's 403."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(problem_response(error))
+    else:
+        await websocket.close(CloseCode.POLICY_VIOLATION, error.instance_code())
 
 
 _WORTH_A_WARNING = frozenset({CloseCode.TRY_AGAIN_LATER, CloseCode.INTERNAL_ERROR})
@@ -95,9 +149,12 @@ class _Pump:
 class Connection:
     """One client connection: its reader, writer, pumps and limits."""
 
-    def __init__(self, websocket: WebSocket, services: Services) -> None:
+    def __init__(
+        self, websocket: WebSocket, services: Services, principal: Principal | None
+    ) -> None:
         self._websocket = websocket
         self._services = services
+        self._principal = principal  # None until the first message authenticates
         self._limits = services.settings.websocket
         self._send_timeout = self._limits.send_timeout
         self._loop = asyncio.get_running_loop()
@@ -143,6 +200,7 @@ class Connection:
             "websocket_closed",
             code=None if close is None else int(close[0]),
             reason="client closed" if close is None else close[1],
+            tenant=None if self._principal is None else self._principal.tenant,
             runs=self._runs_served,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
@@ -211,10 +269,36 @@ class Connection:
 
     async def _read(self) -> None:
         try:
+            if self._principal is None and not await self._authenticate():
+                return
             while (text := await self._receive()) is not None:
                 await self._handle(text)
         except _Closing:
             pass
+
+    async def _authenticate(self) -> bool:
+        """The first message, due within ``auth_timeout``, must be a valid ``auth``; else the
+        connection is closed: 1008 with the error's code as the reason."""
+        try:
+            async with asyncio.timeout(self._limits.auth_timeout):
+                text = await self._receive()
+        except TimeoutError:
+            self._close(CloseCode.POLICY_VIOLATION, "missing_credentials")
+            return False
+        if text is None:
+            return False  # closed already: gone, too big, binary
+        ref: Ref | None = None
+        try:
+            ref, token = parse_auth(text)
+            self._principal = await self._services.authenticator.authenticate_token(token)
+        except (Unauthenticated, Forbidden) as exc:
+            self._close(CloseCode.POLICY_VIOLATION, exc.instance_code())
+            return False
+        except TokenRelayError as exc:  # the key store is unavailable: nothing was decided
+            self._close(CloseCode.TRY_AGAIN_LATER, exc.instance_code())
+            return False
+        await self._enqueue(encode_reply("auth.ok", ref))
+        return True
 
     async def _receive(self) -> str | None:
         """The next text message, or None once the connection is to end (the reason is set)."""
@@ -258,12 +342,17 @@ class Connection:
             elif isinstance(message, RunSubscribe):
                 await self._subscribe(message)
             elif isinstance(message, RunCancel):
-                info = await self._services.hub.cancel(message.run_id)
+                hub = self._services.hub
+                info = await hub.cancel(message.run_id, tenant=self._tenant)
                 await self._enqueue(
                     encode_reply("run.cancel.accepted", ref, run_id=info.id, status=info.status)
                 )
             elif isinstance(message, RunUnsubscribe):
                 await self._unsubscribe(message)
+            elif isinstance(message, Auth):
+                if self._services.authenticator.enabled:
+                    raise AlreadyAuthenticated("the connection's credentials cannot change")
+                await self._enqueue(encode_reply("auth.ok", ref))  # open: any token will do
             else:
                 await self._enqueue(encode_reply("pong", ref))
         except TokenRelayError as exc:  # the one place a refused message becomes a frame
@@ -283,11 +372,17 @@ class Connection:
         body = dict(message.request)
         body.pop("detach", None)  # ours, not the upstream's
         services = self._services
-        subscription = await services.hub.start(
-            services.source.stream(body),
+        assert self._principal is not None  # the reader authenticates first
+        # Rate limits, admission and the cache answer here: a refusal is an error frame.
+        launch = await launch_run(
+            services,
+            self._principal,
+            body,
             detached=message.detach or completion.detach,
             disconnect_grace=services.settings.runs.disconnect_grace,
+            cache_control=None,
         )
+        subscription = launch.subscription
         await self._start_pump(
             subscription, encode_reply("run.created", message.ref, run_id=subscription.run_id)
         )
@@ -297,7 +392,8 @@ class Connection:
         if message.run_id in self._streams:
             raise AlreadySubscribed(f"this connection already streams run {message.run_id}")
         self._check_capacity()
-        subscription = await self._services.hub.subscribe(message.run_id, message.after)
+        hub = self._services.hub
+        subscription = await hub.subscribe(message.run_id, message.after, tenant=self._tenant)
         reply = encode_reply(
             "run.subscribed", message.ref, run_id=message.run_id, after=message.after
         )
@@ -312,6 +408,11 @@ class Connection:
             await pump.subscription.close()
         reply = encode_reply("run.unsubscribed", message.ref, run_id=message.run_id)
         await self._enqueue(reply)
+
+    @property
+    def _tenant(self) -> str:
+        assert self._principal is not None  # the reader authenticates first
+        return self._principal.tenant
 
     def _check_capacity(self) -> None:
         limit = self._limits.max_runs_per_connection

@@ -120,6 +120,7 @@ def _encode(info: RunInfo) -> bytes:
             "detached": info.detached,
             "finished_at": info.finished_at,
             "error_code": info.error_code,
+            "tenant": info.tenant,
         }
     )
 

@@ -72,8 +72,9 @@ class _SSEFrames:
             return 0
         tokens = 0
         for block in self._blocks(data):
-            if self._is_text_token(block):
-                tokens += 1
+            text_tokens = self._text_tokens(block)
+            if text_tokens:
+                tokens += text_tokens
                 continue
             tokens += self._slow_frame(block)
             if self.finished:
@@ -81,9 +82,10 @@ class _SSEFrames:
         self._check_tail()
         return tokens
 
-    def _is_text_token(self, block: bytes) -> bool:
+    def _text_tokens(self, block: bytes) -> int:
+        """The tokens of a plain text frame found by a byte search; 0: decode it."""
         at = block.find(_CONTENT_KEY)
-        return at >= 0 and not block.startswith(_QUOTE, at + _CONTENT_VALUE_AT)
+        return int(at >= 0 and not block.startswith(_QUOTE, at + _CONTENT_VALUE_AT))
 
     def _slow_frame(self, block: bytes) -> int:
         raise NotImplementedError
@@ -136,10 +138,23 @@ class NativeFrameParser(_SSEFrames):
     ``cancelled``.
     """
 
-    __slots__ = ()
+    __slots__ = ("_last_id",)
 
-    def _is_text_token(self, block: bytes) -> bool:
-        return _NATIVE_DELTA in block and super()._is_text_token(block)
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_id = 0
+
+    def _text_tokens(self, block: bytes) -> int:
+        # A text delta the gateway merged (stream.coalesce_native_ms) carries the id of the last
+        # delta it holds: it stands for as many tokens as ids it skips.
+        previous = self._last_id
+        if block.startswith(b"id: "):
+            seq = block[4 : block.find(b"\n")]
+            if seq.isdigit():
+                self._last_id = int(seq)
+        if _NATIVE_DELTA in block and super()._text_tokens(block):
+            return max(1, self._last_id - previous)
+        return 0
 
     def _slow_frame(self, block: bytes) -> int:
         event = b""

@@ -47,6 +47,7 @@ class Run:
         "disconnect_grace",
         "driving",
         "failure",
+        "first_event_seen",
         "grace_task",
         "info",
         "stop_requested",
@@ -63,6 +64,7 @@ class Run:
         # terminal event would be written: until it runs, a stop is only requested.
         self.driving = False
         self.stop_requested = False  # set by the first stop; the task checks it as it starts
+        self.first_event_seen = False  # until then the run counts as a pending start
         self.subscribers = 0  # readers in this process
         # The error that failed the run, kept so the HTTP layer can answer with its status when
         # the run fails before its stream has started.
@@ -85,6 +87,7 @@ class Hub:
         self.log = log
         self.registry = registry
         self._runs: dict[str, Run] = {}
+        self._pending_starts = 0
         self._accepting = True
         self.drained = asyncio.Event()  # set once a drain has ended every run
 
@@ -96,12 +99,18 @@ class Hub:
     def active_runs(self) -> int:
         return len(self._runs)
 
+    @property
+    def pending_starts(self) -> int:
+        """Runs of this process whose source has not produced its first event yet."""
+        return self._pending_starts
+
     async def start(
         self,
         source: AsyncIterator[EventDraft],
         *,
         detached: bool = False,
         disconnect_grace: float = 0.0,
+        tenant: str = "default",
     ) -> Subscription:
         """Start a run driven by ``source`` and return its first subscription (from the start).
 
@@ -109,14 +118,18 @@ class Hub:
             source: the run's events, without a terminal one.
             detached: keep generating to the end when every reader has left.
             disconnect_grace: seconds the run goes on with no reader before it is cancelled.
+            tenant: the run's owner; only readers of the same tenant will find it.
         """
         if not self._accepting:
             raise ServiceUnavailable("the gateway is shutting down", code="shutting_down")
-        info = RunInfo(new_run_id(), "running", created_at=time.time(), detached=detached)
+        info = RunInfo(
+            new_run_id(), "running", created_at=time.time(), detached=detached, tenant=tenant
+        )
         run = Run(info, disconnect_grace)
         await self.log.create(run.id)
         await self.registry.register(info)
         self._runs[run.id] = run
+        self._pending_starts += 1
         run.task = asyncio.create_task(self._drive(run, source), name=f"run {run.id}")
         try:
             return await self._subscribe(run.id, run, after=0)
@@ -125,26 +138,37 @@ class Hub:
             _stop(run, "client_disconnected")
             raise
 
-    async def subscribe(self, run_id: str, after: int = 0) -> Subscription:
+    async def subscribe(
+        self, run_id: str, after: int = 0, *, tenant: str | None = None
+    ) -> Subscription:
         """A new reader of any run this instance or another drives, from the cursor ``after``.
 
         Raises:
-            NotFound: the run does not exist or has expired.
+            NotFound: the run does not exist, has expired, or belongs to another tenant.
         """
-        if await self.registry.get(run_id) is None:
-            raise NotFound(f"run {run_id} does not exist or has expired")
+        await self.info(run_id, tenant=tenant)
         return await self._subscribe(run_id, self._runs.get(run_id), after)
 
-    async def info(self, run_id: str) -> RunInfo:
-        """The run's record. Raises ``NotFound``."""
+    async def info(self, run_id: str, *, tenant: str | None = None) -> RunInfo:
+        """The run's record.
+
+        Args:
+            tenant: the caller's tenant; None only for the gateway's own use (any tenant).
+
+        Raises:
+            NotFound: no such run for this tenant. Another tenant's run is "not found" too, not
+                forbidden: a caller learns nothing about ids that are not its own.
+        """
         info = await self.registry.get(run_id)
-        if info is None:
+        if info is None or (tenant is not None and info.tenant != tenant):
             raise NotFound(f"run {run_id} does not exist or has expired")
         return info
 
-    async def cancel(self, run_id: str, reason: str = "cancelled") -> RunInfo:
+    async def cancel(
+        self, run_id: str, reason: str = "cancelled", *, tenant: str | None = None
+    ) -> RunInfo:
         """Cancel a run wherever it runs; returns its record (final if it ended here in time)."""
-        info = await self.info(run_id)
+        info = await self.info(run_id, tenant=tenant)
         if info.status != "running":
             return info
         run = self._runs.get(run_id)
@@ -220,6 +244,11 @@ class Hub:
                 _stop(run, "client_disconnected")
                 return
 
+    def _first_event(self, run: Run) -> None:
+        if not run.first_event_seen:
+            run.first_event_seen = True
+            self._pending_starts -= 1
+
     async def _drive(self, run: Run, source: AsyncIterator[EventDraft]) -> None:
         log, run_id, seq = self.log, run.id, 0
         terminal: EventDraft
@@ -229,6 +258,8 @@ class Hub:
                 raise asyncio.CancelledError
             async for event_type, data in source:
                 seq += 1
+                if seq == 1:
+                    self._first_event(run)
                 if event_type is EventType.RUN_STARTED:
                     data["run_id"] = run_id
                 await log.append(run_id, (Event(seq, event_type, data),))
@@ -243,6 +274,7 @@ class Hub:
             run.failure = InternalError("the run failed unexpectedly")
             terminal = (EventType.RUN_FAILED, run.failure.to_failure())
         finally:
+            self._first_event(run)
             await _close_source(source)
             if run.grace_task is not None:
                 run.grace_task.cancel()
@@ -285,6 +317,7 @@ def _finished(info: RunInfo, terminal: EventDraft) -> RunInfo:
         detached=info.detached,
         finished_at=time.time(),
         error_code=data.get("code", data.get("reason")),
+        tenant=info.tenant,
     )
 
 

@@ -1,4 +1,7 @@
-"""Native tokenrelay events as newline-delimited JSON, one ``{"seq","type","data"}`` per line."""
+"""Native tokenrelay events as newline-delimited JSON, one ``{"seq","type","data"}`` per line.
+
+``data`` is the same compact encoding as the SSE format's (``sse.native_data``).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,17 @@ import orjson
 
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.events import Event
+from tokenrelay.transports.sse import native_data
 
 NDJSON_HEARTBEAT = b'{"type":"heartbeat"}\n'
 
 
 def encode_event(event: Event) -> bytes:
-    return b'{"seq":%d,"type":"%s","data":%s}\n' % (event.seq, event.type.encode(), event.data_json)
+    return b'{"seq":%d,"type":"%s","data":%s}\n' % (
+        event.seq,
+        event.type.encode(),
+        native_data(event),
+    )
 
 
 class NDJSONRenderer:

@@ -2,20 +2,30 @@
 
 Every frame is one compact JSON object. A run event is ``{"run_id", "seq", "type", "data"}``: the
 ``run_id`` tells the runs of one connection apart, ``seq`` is the resume cursor as everywhere.
-Replies to client messages carry the client's ``ref``. Pure functions only; ``api/ws.py`` does
-the I/O and the runs. See docs/websocket.md.
+Replies to client messages carry the client's ``ref``. The handshake's rules are here too: the
+``auth`` message and the ``Origin`` check. Pure functions only; ``api/ws.py`` does the I/O and
+the runs. See docs/websocket.md.
 """
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tokenrelay.errors import InvalidJSON, RequestError, TokenRelayError, ValidationFailed
+from tokenrelay.errors import (
+    InvalidJSON,
+    RequestError,
+    TokenRelayError,
+    Unauthenticated,
+    ValidationFailed,
+)
 from tokenrelay.events import Event
+from tokenrelay.transports.sse import native_data
 
 Ref = str | int
 
@@ -27,7 +37,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001  # idle timeout
     UNSUPPORTED_DATA = 1003  # a binary frame: the protocol is JSON text
     INVALID_DATA = 1007  # text that is not UTF-8 (sent by the ASGI server)
-    POLICY_VIOLATION = 1008  # reserved for authentication and origin policies
+    POLICY_VIOLATION = 1008  # no valid credentials in time; the reason is the error's code
     MESSAGE_TOO_BIG = 1009  # a client message over websocket.max_message_bytes
     INTERNAL_ERROR = 1011  # a bug; details only in the log
     SERVICE_RESTART = 1012  # the gateway drained on shutdown: its runs have ended, reconnect
@@ -35,10 +45,14 @@ class CloseCode(IntEnum):
 
 
 def encode_event(run_id: str, event: Event) -> str:
-    """One run event as one frame."""
-    return orjson.dumps(
-        {"run_id": run_id, "seq": event.seq, "type": event.type, "data": event.data}
-    ).decode()
+    """One run event as one frame, its data as compact as on the other native formats."""
+    frame = b'{"run_id":%s,"seq":%d,"type":"%s","data":%s}' % (
+        orjson.dumps(run_id),
+        event.seq,
+        event.type.encode(),
+        native_data(event),
+    )
+    return frame.decode()
 
 
 def encode_reply(kind: str, ref: Ref | None = None, **fields: Any) -> str:
@@ -61,6 +75,7 @@ def encode_error(
         code=error.instance_code(),
         message=error.message,
         retryable=error.retryable,
+        retry_after=None if error.retry_after is None else math.ceil(error.retry_after),
         run_id=run_id,
         errors=errors,
     )
@@ -106,13 +121,73 @@ class Ping(ClientMessage):
     pass
 
 
+class Auth(ClientMessage):
+    """The credentials of a connection whose handshake carried none (browsers cannot set
+    headers on a WebSocket); checked by the Authenticator, which bounds the length."""
+
+    token: str
+
+
 MESSAGE_TYPES: dict[str, type[ClientMessage]] = {
     "run.create": RunCreate,
     "run.subscribe": RunSubscribe,
     "run.cancel": RunCancel,
     "run.unsubscribe": RunUnsubscribe,
     "ping": Ping,
+    "auth": Auth,
 }
+
+
+def parse_auth(text: str) -> tuple[Ref | None, str]:
+    """The ``ref`` and token of the ``auth`` message that opens a connection whose handshake
+    carried no credentials.
+
+    Raises:
+        Unauthenticated: ``missing_credentials`` when the message is anything else (invalid JSON
+            included), ``invalid_credentials`` when it is an ``auth`` message without a token.
+    """
+    try:
+        raw = decode_frame(text)
+    except RequestError:
+        raw = {}
+    ref, _ = echo_fields(raw)
+    if raw.get("type") != "auth":
+        raise Unauthenticated("send an auth message first", code="missing_credentials")
+    try:
+        message = Auth.model_validate(raw)
+    except ValidationError:
+        raise Unauthenticated("the auth message has no token (a string)") from None
+    return ref, message.token
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_allowed(origin: str, host: str | None, scheme: str, allowed: list[str]) -> bool:
+    """Whether a browser page of ``origin`` may open a connection.
+
+    Args:
+        origin: the handshake's ``Origin`` header.
+        host: its ``Host`` header; with ``scheme`` (ws or wss), the gateway's own origin.
+        allowed: ``websocket.allowed_origins``, the other origins allowed.
+    """
+    own = _origin_key(f"{'https' if scheme == 'wss' else 'http'}://{host}") if host else None
+    key = _origin_key(origin)
+    if key is None:
+        return False  # "null" (a sandboxed page, a file) or garbage
+    return key == own or key in {_origin_key(entry) for entry in allowed}
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """``scheme://host[:port]`` as (scheme, host, port), the default port made explicit."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[parts.scheme]
 
 
 def decode_frame(text: str) -> dict[str, Any]:
