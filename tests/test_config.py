@@ -246,6 +246,32 @@ def test_settings_are_frozen() -> None:
         settings.server.port = 1  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"auth": {"api_keys_in_redis": True}},
+            "auth.api_keys_in_redis needs store.redis_url",
+        ),
+        (
+            {"rate_limits": {"stream_lease": 600}},
+            "rate_limits.stream_lease must be longer than timeouts.total",
+        ),
+        (
+            {"auth": {"jwt": {"algorithms": ["HS256"]}}},
+            "an HS algorithm needs auth.jwt.secret",
+        ),
+        (
+            {"auth": {"jwt": {"algorithms": ["RS256"], "secret": "x" * 32}}},
+            "public-key algorithms need auth.jwt.public_keys or jwks_url",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_together(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**settings)  # type: ignore[arg-type]
+
+
 def test_every_setting_is_documented() -> None:
     """docs/configuration.md has a row for every leaf of the Settings tree."""
     from pathlib import Path

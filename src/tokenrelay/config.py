@@ -432,9 +432,12 @@ class Settings(BaseSettings):
     mock: MockSettings = MockSettings()
 
     @model_validator(mode="after")
-    def _redis_for_api_keys(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.auth.api_keys_in_redis and self.store.redis_url is None:
             raise ValueError("auth.api_keys_in_redis needs store.redis_url")
+        # A stream slot is leased, not renewed: it must outlast the longest generation.
+        if self.rate_limits.stream_lease <= self.timeouts.total:
+            raise ValueError("rate_limits.stream_lease must be longer than timeouts.total")
         return self
 
     @classmethod

@@ -200,16 +200,24 @@ def test_a_failed_run_is_not_stored(gateway_url: str, mock_url: str) -> None:
 # Tenants
 
 
-@pytest.fixture(scope="module")
-def two_tenants(gateway_factory: GatewayFactory) -> tuple[Server, dict[str, str]]:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def two_tenants(
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory
+) -> tuple[Server, dict[str, str]]:
     """A gateway with one API key for tenant t1 and one for t2, and those keys."""
     keys = {tenant: "tr_" + secrets.token_urlsafe(32) for tenant in ("t1", "t2")}
     settings = [
         {"name": tenant, "tenant": tenant, "sha256": hashlib.sha256(key.encode()).hexdigest()}
         for tenant, key in keys.items()
     ]
-    server = gateway_factory(**FAST_TIMEOUTS, TOKENRELAY_AUTH__API_KEYS=json.dumps(settings))
-    return server, keys
+    env = {**FAST_TIMEOUTS, "TOKENRELAY_AUTH__API_KEYS": json.dumps(settings)}
+    if request.param == "redis":
+        env |= {
+            "TOKENRELAY_STORE__BACKEND": "redis",
+            "TOKENRELAY_STORE__REDIS_URL": request.getfixturevalue("redis_url"),
+            "TOKENRELAY_STORE__KEY_PREFIX": f"cache-tenants-{secrets.token_hex(4)}:",
+        }
+    return gateway_factory(**env), keys
 
 
 def test_tenants_never_share_answers(

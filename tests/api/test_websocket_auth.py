@@ -186,10 +186,25 @@ async def test_auth_on_an_open_gateway_is_answered_ok(gateway_url: str) -> None:
 # Tenants.
 
 
-async def test_another_tenants_run_is_not_found(secured: Server) -> None:
+@pytest.fixture(params=["memory", "redis"])
+def secured_on_each_store(
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory, mock_url: str
+) -> Server:
+    if request.param == "memory":
+        return gateway_factory(**AUTHENTICATED)
+    return gateway_factory(
+        **AUTHENTICATED,
+        TOKENRELAY_STORE__BACKEND="redis",
+        TOKENRELAY_STORE__REDIS_URL=request.getfixturevalue("redis_url"),
+        TOKENRELAY_STORE__KEY_PREFIX="ws-isolation:",
+    )
+
+
+async def test_another_tenants_run_is_not_found(secured_on_each_store: Server) -> None:
+    url = ws_url(secured_on_each_store.url)
     async with (
-        connect(ws_url(secured.url), additional_headers=bearer(KEY_A)) as owner,
-        connect(ws_url(secured.url), additional_headers=bearer(KEY_B)) as stranger,
+        connect(url, additional_headers=bearer(KEY_A)) as owner,
+        connect(url, additional_headers=bearer(KEY_B)) as stranger,
     ):
         created = await create(owner, tokens=500, itl_ms=20)
         run_id = created["run_id"]

@@ -27,3 +27,32 @@ def test_benchmark_smoke_run_completes_without_failures() -> None:
         for target in ("direct", "tokenrelay")
     }
     assert all("failed=0" in line for line in lines)
+
+
+def test_payload_benchmark_smoke_run_completes() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/payload.py", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| native SSE |" in done.stdout
+
+
+def test_cache_benchmark_sees_one_upstream_request_for_identical_ones(tmp_path: Path) -> None:
+    report = tmp_path / "cache.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/cache.py", "--output", str(report)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = report.read_text().splitlines()
+    coalescing = rows[rows.index(next(r for r in rows if r.startswith("| upstream requests"))) + 2]
+    assert coalescing.startswith("| 1 | 49 |")

@@ -790,6 +790,36 @@ async def test_closing_the_only_subscription_of_a_detached_run_does_not_cancel_i
     await later.close()
 
 
+async def test_a_joining_reader_that_detaches_keeps_the_run_going(hub: Hub) -> None:
+    """Coalescing: a detached request joins a run started with no grace; both readers leave."""
+    source = Source([started(), token("a")], block=True)
+    first = await hub.start(source.generator, disconnect_grace=0.0)
+    await asyncio.wait_for(source.blocked.wait(), HANG_GUARD)
+    joined = await hub.subscribe(first.run_id, 0)
+    hub.outlive_readers(first.run_id, detached=True, disconnect_grace=0.0)
+    await first.close()
+    await joined.close()
+    await asyncio.sleep(0.05)
+    assert not source.cancelled
+    source.release.set()
+    await finished(hub, first)
+    info = await hub.info(first.run_id)
+    assert (info.status, info.detached) == ("completed", True)
+
+
+async def test_a_joining_reader_lengthens_the_grace_never_shortens_it(hub: Hub) -> None:
+    source = QueueSource()
+    first = await hub.start(source.generator, disconnect_grace=0.0)
+    hub.outlive_readers(first.run_id, detached=False, disconnect_grace=30.0)
+    hub.outlive_readers(first.run_id, detached=False, disconnect_grace=0.0)
+    assert first.run is not None
+    assert first.run.disconnect_grace == 30.0
+    await first.close()
+    await asyncio.sleep(0.05)
+    assert not first.run.finished  # in its grace, not cancelled at once
+    await hub.cancel(first.run_id)
+
+
 async def test_a_reader_back_within_the_disconnect_grace_loses_nothing(hub: Hub) -> None:
     source = QueueSource()
     first = await hub.start(source.generator, disconnect_grace=0.3)

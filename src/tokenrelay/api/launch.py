@@ -80,6 +80,10 @@ async def _launch(
         raise
     if not outcome.upstream_cost:
         await admission.settle(0)
+    if outcome.coalesced:
+        services.hub.outlive_readers(
+            outcome.subscription.run_id, detached=detached, disconnect_grace=disconnect_grace
+        )
     return Launch(outcome.subscription, _headers(admission, outcome.x_cache, outcome.coalesced))
 
 

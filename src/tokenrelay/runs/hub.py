@@ -17,6 +17,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import structlog
 
@@ -148,6 +149,20 @@ class Hub:
         """
         await self.info(run_id, tenant=tenant)
         return await self._subscribe(run_id, self._runs.get(run_id), after)
+
+    def outlive_readers(self, run_id: str, *, detached: bool, disconnect_grace: float) -> None:
+        """Let a run this process drives live as long as a reader that joined it asked for.
+
+        A request that joins an identical run in flight (coalescing) did not choose how long
+        that run outlives its readers; its own wish (detached, a longer grace) is added to the
+        run's. Runs driven by another instance keep their own.
+        """
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        run.disconnect_grace = max(run.disconnect_grace, disconnect_grace)
+        if detached and not run.info.detached:
+            run.info = replace(run.info, detached=True)
 
     async def info(self, run_id: str, *, tenant: str | None = None) -> RunInfo:
         """The run's record.
