@@ -13,9 +13,6 @@ before they are sent.
 A cache is an optimisation, so Redis failures never fail a request: ``get`` is a miss, ``put``
 does nothing, ``claim_inflight`` claims nothing. The first failure after a success is logged
 (``cache_degraded``), and the first success after it (``cache_recovered``).
-
-The claim scripts are sent with EVAL rather than EVALSHA: one call per run, not per token, and
-the store's reload-on-NOSCRIPT covers only the scripts of the run store.
 """
 
 from __future__ import annotations
@@ -81,9 +78,7 @@ class RedisResponseCache:
         self._note_success()
 
     async def claim_inflight(self, key: str, run_id: str, ttl: float) -> str | None:
-        call = self._calls.command(
-            "EVAL", self._claim.source, 1, self.claim_key(key), run_id, _ms(ttl)
-        )
+        call = self._calls.script(self._claim, (self.claim_key(key),), [run_id, _ms(ttl)])
         try:
             holder = await call.done
         except TokenRelayError as exc:
@@ -93,7 +88,7 @@ class RedisResponseCache:
         return None if holder is None else bytes(holder).decode()
 
     async def release_inflight(self, key: str, run_id: str) -> None:
-        call = self._calls.command("EVAL", self._release.source, 1, self.claim_key(key), run_id)
+        call = self._calls.script(self._release, (self.claim_key(key),), [run_id])
         try:
             await call.done
         except TokenRelayError as exc:  # the claim then expires with its ttl

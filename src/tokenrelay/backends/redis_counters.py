@@ -67,11 +67,7 @@ class RedisLimitCounters:
         await self._calls.close()
 
     async def _eval(self, script: LuaScript, key: LimitKey, *args: Any) -> Any:
-        # EVAL with the source, not EVALSHA: RedisStore reloads only its own scripts when a
-        # restarted Redis has forgotten them. Redis caches the compiled script by its hash, so
-        # this costs the few hundred bytes of source per call (per request, never per token).
-        call = self._calls.command("EVAL", script.source, 1, self._key(key), *args)
-        return await call.done
+        return await self._calls.script(script, (self._key(key),), list(args)).done
 
     def _key(self, key: LimitKey) -> bytes:
         return f"{self._prefix}limits:{{{key.tenant}}}:{key.name}".encode()

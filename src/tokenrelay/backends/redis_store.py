@@ -146,14 +146,17 @@ class RedisStore:
                     results[index] = answer
             if not missing:
                 break
-            await self._load_scripts()
+            forgotten = {script for script, _, _ in (calls[index] for index in missing) if script}
+            await self._load_scripts({*self.scripts.every(), *forgotten})
             todo = missing
         self.note_reachable()
         return results
 
-    async def _load_scripts(self) -> None:
+    async def _load_scripts(self, scripts: set[LuaScript]) -> None:
+        """Load scripts a restarted or flushed Redis forgot: the run store's (all at once, they
+        are about to be called) and those of any other backend that were just called."""
         pipe = self.client.pipeline(transaction=False)
-        for script in self.scripts.every():
+        for script in scripts:
             pipe.script_load(script.source)
         try:
             await pipe.execute()
