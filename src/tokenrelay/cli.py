@@ -121,7 +121,12 @@ def serve(
         settings, shutdown, agent=agent_function, agent_name=(agent or "").rpartition(":")[2]
     )
     try:
-        run_server(app, settings.server, shutdown)
+        run_server(
+            app,
+            settings.server,
+            shutdown,
+            websocket_max_bytes=settings.websocket.max_message_bytes,
+        )
     except OSError as exc:  # a TLS file that cannot be loaded, an address granian cannot bind
         typer.echo(f"cannot serve on {base_url(settings.server)}: {exc}", err=True)
         raise typer.Exit(2) from None

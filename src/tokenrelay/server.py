@@ -80,13 +80,21 @@ def base_url(settings: ServerSettings) -> str:
     return f"{scheme}://{settings.host}:{settings.port}"
 
 
-def run_server(app: Any, settings: ServerSettings, shutdown: asyncio.Event) -> None:
+def run_server(
+    app: Any,
+    settings: ServerSettings,
+    shutdown: asyncio.Event,
+    *,
+    websocket_max_bytes: int = 16 * 1024 * 1024,
+) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, draining through ``shutdown`` first.
 
     Args:
         app: the ASGI application (``create_app(settings, shutdown)``).
         settings: the ``server`` section: address, protocols, TLS, log level, drain grace.
         shutdown: the event the app drains on; set on the first signal.
+        websocket_max_bytes: ``websocket.max_message_bytes``: uvicorn refuses larger messages
+            (close 1009) before it has buffered them whole.
 
     Raises:
         OSError: the TLS certificate or key cannot be loaded (``ssl.SSLError`` included), or
@@ -104,7 +112,7 @@ def run_server(app: Any, settings: ServerSettings, shutdown: asyncio.Event) -> N
                 raise
     else:
         websockets = _InFlight(app, kinds=("websocket",))
-        config = _uvicorn_config(websockets, settings)
+        config = _uvicorn_config(websockets, settings, websocket_max_bytes)
         _DrainingUvicorn(config, shutdown, websockets, _stop_deadline(settings)).run()
 
 
@@ -116,7 +124,7 @@ def _stop_deadline(settings: ServerSettings) -> int:
     return int(settings.drain_grace) + 5
 
 
-def _uvicorn_config(app: Any, settings: ServerSettings) -> uvicorn.Config:
+def _uvicorn_config(app: Any, settings: ServerSettings, websocket_max_bytes: int) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -124,6 +132,7 @@ def _uvicorn_config(app: Any, settings: ServerSettings) -> uvicorn.Config:
         loop="uvloop",
         http=limited_http_protocol(settings),
         timeout_keep_alive=math.ceil(settings.keepalive_timeout),
+        ws_max_size=websocket_max_bytes,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=_stop_deadline(settings),
