@@ -121,6 +121,30 @@ def test_check_config_names_the_bad_field(tmp_path: Path, text: str, field: str)
     assert f"invalid setting {field}:" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            "[auth.jwt]\nalgorithms = ['HS256']\nsecret = 'short'\n",
+            "invalid setting auth.jwt.secret must be at least 32 bytes for HS256",
+            id="short-secret",
+        ),
+        pytest.param(
+            "[auth.jwt]\nalgorithms = ['RS256']\n[auth.jwt.public_keys]\nmain = 'not a key'\n",
+            "invalid setting auth.jwt.public_keys['main'] is not a PEM public key",
+            id="bad-pem",
+        ),
+    ],
+)
+def test_check_config_refuses_jwt_keys_that_cannot_work(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    result = tokenrelay_cmd("check-config", str(write(tmp_path, "jwt.toml", text)))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "short" not in result.stderr.replace(message, "")  # the secret is not echoed
+
+
 def test_check_config_names_a_bad_environment_variable(tmp_path: Path) -> None:
     path = write(tmp_path, "ok.toml", VALID)
     result = tokenrelay_cmd("check-config", str(path), TOKENRELAY_TIMEOUTS__IDLE="-5")

@@ -283,9 +283,10 @@ def _given(**values: Any) -> dict[str, Any]:
 
 def _load_or_exit(config: Path | None, flags: dict[str, Any]) -> Any:
     from tokenrelay.config import load_settings
+    from tokenrelay.guards.jwt_verifier import check_jwt_settings
 
     try:
-        return load_settings(config, flags)
+        settings = load_settings(config, flags)
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"]) or "(top level)"
@@ -294,6 +295,13 @@ def _load_or_exit(config: Path | None, flags: dict[str, Any]) -> Any:
     except (OSError, ValueError) as exc:
         typer.echo(f"cannot read config: {exc}", err=True)
         raise typer.Exit(2) from None
+    if settings.auth.jwt is not None:
+        try:
+            check_jwt_settings(settings.auth.jwt)
+        except ValueError as exc:
+            typer.echo(f"invalid setting {exc}", err=True)
+            raise typer.Exit(2) from None
+    return settings
 
 
 def main() -> None:

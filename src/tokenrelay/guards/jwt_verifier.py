@@ -182,6 +182,17 @@ def _refused(reason: str, *, code: str = "invalid_credentials", **details: Any) 
     return Unauthenticated(message, code=code)
 
 
+def check_jwt_settings(settings: JWTSettings) -> None:
+    """Raise ``ValueError`` naming the setting when a configured secret or key cannot work.
+
+    What the Settings cannot check alone (key material): ``check-config`` and ``serve`` call it
+    so that a bad key is refused before the gateway starts, not at its first request.
+    """
+    _checked_secret(settings)
+    for kid, pem in settings.public_keys.items():
+        _load_public_key(kid, pem)
+
+
 def _checked_secret(settings: JWTSettings) -> bytes | None:
     if settings.secret is None:
         return None
