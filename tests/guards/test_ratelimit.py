@@ -69,6 +69,7 @@ async def test_a_tenant_without_limits_is_admitted_without_touching_the_store() 
         limits = TenantLimiter(RateLimitSettings(), counters)
         admission = await limits.admit("anyone", reserve_tokens=10_000)
         assert admission.headers == {}
+        assert not admission.holds_until_settled  # its runs need no metering
         await admission.settle(10_000)
     finally:
         await counters.close()
@@ -93,6 +94,19 @@ async def test_requests_over_the_limit_get_429_with_retry_after_and_headers(
         "RateLimit-Policy": '"requests";q=3;w=60',
         "RateLimit": f'"requests";r=0;t={int(error.retry_after)}',
     }
+
+
+async def test_only_slots_and_token_reservations_wait_for_the_run(
+    counters: LimitCounters,
+) -> None:
+    only_requests = await limiter(counters, requests_per_minute=3).admit(TENANT, reserve_tokens=1)
+    assert not only_requests.holds_until_settled  # a request is counted once, at admission
+    streams = await limiter(counters, concurrent_streams=2).admit(TENANT, reserve_tokens=1)
+    tokens = await limiter(counters, tokens_per_minute=100).admit(TENANT, reserve_tokens=1)
+    assert streams.holds_until_settled and tokens.holds_until_settled
+    await streams.settle(1)
+    await tokens.settle(1)
+    assert not streams.holds_until_settled and not tokens.holds_until_settled
 
 
 async def test_successful_admissions_name_the_policy_closest_to_its_limit(

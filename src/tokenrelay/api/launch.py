@@ -65,8 +65,11 @@ async def _launch(
         ),
     )
 
-    def upstream() -> MeteredSource:
-        return MeteredSource(services.source.stream(body), admission, prompt_tokens(body))
+    def upstream() -> AsyncIterator[EventDraft]:
+        source = services.source.stream(body)
+        if not admission.holds_until_settled:  # no token or stream limit: nothing to count
+            return source
+        return MeteredSource(source, admission, prompt_tokens(body))
 
     async def start(source: AsyncIterator[EventDraft]) -> Subscription:
         return await services.hub.start(

@@ -87,6 +87,11 @@ class Admission:
     def settled(self) -> bool:
         return self._settled
 
+    @property
+    def holds_until_settled(self) -> bool:
+        """A stream slot or a token reservation waits for the run's end: meter the run."""
+        return not self._settled and (self._slot is not None or self._tokens is not None)
+
     async def settle(self, used_tokens: int) -> None:
         """Charge what the run used instead of its reservation, and release its stream slot.
 
