@@ -234,21 +234,12 @@ class APIKeySettings(_Section):
     scopes: list[str] = Field(default_factory=list)
 
 
+# fmt: off
 JWTAlgorithm = Literal[
-    "HS256",
-    "HS384",
-    "HS512",
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "EdDSA",
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
 ]
+# fmt: on
 
 
 class JWTSettings(_Section):
