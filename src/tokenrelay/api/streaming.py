@@ -231,12 +231,18 @@ class RunResponse(Response):
     async def _after_quiet(
         self, coalescer: DeltaCoalescer, renderer: StreamRenderer, send: Send
     ) -> None:
-        """A read timed out: send the held delta once its window has passed, else a heartbeat."""
+        """A read timed out. With nothing held it waited a whole heartbeat interval: send one.
+        With a delta held, send it once its window has passed."""
+        if coalescer.deadline is None:
+            # Not "now - last write >= interval": the loop's clock may make a timeout look a
+            # hair short, and that heartbeat would come an interval late.
+            await self._write(renderer.heartbeat, send)
+            return
         now = self._loop.time()
         held = coalescer.push((), now)
         if held:
             await self._write(renderer.render(held), send)
-        elif now - self._last_write >= self._heartbeat_interval:
+        elif now - self._last_write >= self._heartbeat_interval:  # a window longer than that
             await self._write(renderer.heartbeat, send)
 
     async def _write(self, body: bytes, send: Send) -> None:
