@@ -21,13 +21,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,29 +242,6 @@ def _rss_kib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1024
 
 
-@contextmanager
-def server(args: list[str], ready_url: str, log: Path, env: dict[str, str]) -> Iterator[None]:
-    from benchmarks.run import tokenrelay_command, wait_ready
-
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            tokenrelay_command(*args),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
-    try:
-        wait_ready(ready_url)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def report(
     plan: Plan,
     wire: dict[tuple[Any, ...], Stream],
@@ -350,7 +326,7 @@ def main() -> int:
     options = parser.parse_args()
     plan = SMOKE if options.smoke else FULL
 
-    from benchmarks.run import free_port
+    from benchmarks.run import free_port, process, tokenrelay_command
 
     costs = compressor_costs()
     with tempfile.TemporaryDirectory(prefix="tokenrelay-payload-") as tmp, ExitStack() as stack:
@@ -358,11 +334,10 @@ def main() -> int:
         mock_port = free_port()
         mock_url = f"http://127.0.0.1:{mock_port}"
         stack.enter_context(
-            server(
-                ["mock-upstream", "--port", str(mock_port)],
+            process(
+                tokenrelay_command("mock-upstream", "--port", str(mock_port)),
                 mock_url + "/v1/models",
                 workdir / "mock.log",
-                {},
             )
         )
         urls = {}
@@ -372,7 +347,12 @@ def main() -> int:
             args = ["serve", "--port", str(port), "--upstream", mock_url + "/v1"]
             args += ["--log-level", "warning"]
             stack.enter_context(
-                server(args, urls[coalescing] + "/readyz", workdir / f"gw-{port}.log", env)
+                process(
+                    tokenrelay_command(*args),
+                    urls[coalescing] + "/readyz",
+                    workdir / f"gw-{port}.log",
+                    env,
+                )
             )
         wire = asyncio.run(wire_phase(urls, plan))
         ttft = asyncio.run(ttft_phase(urls, plan))

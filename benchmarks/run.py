@@ -99,9 +99,14 @@ def wait_ready(url: str, timeout: float = 20) -> None:
 
 
 @contextmanager
-def process(args: list[str], ready_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``args`` (``env`` added to ours) until the block ends, once ``ready_url`` answers."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     try:
         wait_ready(ready_url)
         yield proc
